@@ -1,0 +1,219 @@
+"""`mtp export`: turn a training output into a plain Hugging Face directory that any transformers user can load.
+
+    mtp export --model outputs/smollm2-lora --output exported/ [--dtype bfloat16] [--k-max 16] [--tau 0.9]
+
+The input is either
+  * a full checkpoint (config.json + safetensors + tokenizer), e.g. a full fine-tune written by `mtp train`, or
+  * a LoRA adapter directory (adapter_config.json + adapter weights + tokenizer). Its `base_model_name_or_path` may
+    be the alias `smollm2-135m`, a local directory or a hub id. The base is loaded, given the same `<MTP>` row the
+    trainer gave it (`add_mtp_token` is deterministic, and a trained row saved with the adapter replaces it), the
+    adapter is loaded with peft and merged (`merge_and_unload`).
+
+The output is what paper §7.5 asks of a released MTP checkpoint, minus remote code: safetensors weights, the tokenizer
+with `<MTP>`, `config.mtp_mask_token_id` / `config.mtp_k_max`, and a generation config that carries the decoding
+defaults as extra attributes (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, `mtp_mask_token_id`) next to the EOS ids, so
+`mtp generate` needs no flags and `AutoModelForCausalLM.from_pretrained(out)` loads it like any other Llama/Qwen.
+
+An input without `<MTP>` (an untrained base) is exported too, after adding the token: that is an *untrained
+conversion* — the mask row is initialised but never trained, so multi-token spans from it are not meaningful.
+
+The directory is written to a temporary sibling and renamed into place (os.replace); an existing non-empty output
+is only replaced with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distill.errors import UserError
+from distill.models import load_model, load_tokenizer
+from distill.tokens import MTP_TOKEN, add_mtp_token
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STRATEGIES = ("static", "confadapt", "selfspec")
+DEFAULT_K_MAX = 16  # paper §4.2: ConfAdapt attempts k_max = 16 positions
+DEFAULT_TAU = 0.9  # paper §4.2 / Fig. 1: τ = 90%
+
+
+def _has_mtp(model, tokenizer) -> bool:
+    return MTP_TOKEN in tokenizer.get_vocab() and getattr(model.config, "mtp_mask_token_id", None) is not None
+
+
+def _warn_untrained(source: str) -> None:
+    print(f"warning: {source} has no {MTP_TOKEN} token; adding an untrained one (untrained conversion: multi-token "
+          "spans are not meaningful until the model is distilled with `mtp train`)", file=sys.stderr)
+
+
+def _load_full(model_dir: str):
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=torch.float32)
+    if not _has_mtp(model, tokenizer):
+        _warn_untrained(model_dir)
+        add_mtp_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _adapter_tokenizer(adapter_dir: Path):
+    """An adapter dir has no config.json, so `load_tokenizer` (which resolves model dirs) does not apply."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer in {adapter_dir}: {str(exc).strip().splitlines()[0]}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_adapter(adapter_dir: Path):
+    """Base + adapter, merged. The base must get exactly the vocabulary the adapter was trained with."""
+    from peft import PeftModel
+
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_name = adapter_cfg.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} has no base_model_name_or_path")
+    if not any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"{adapter_dir} has no tokenizer files; save the tokenizer (with {MTP_TOKEN}) next to the adapter")
+    tokenizer = _adapter_tokenizer(adapter_dir)
+    base = load_model(base_name, dtype=torch.float32)
+    trained_with_mtp = MTP_TOKEN in tokenizer.get_vocab()
+    if trained_with_mtp:
+        # Same call as the trainer made on the base: same id, same (seeded) initial row, same padded matrix size.
+        add_mtp_token(base, tokenizer)
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise UserError(f"vocab mismatch: tokenizer in {adapter_dir} has {len(tokenizer)} tokens but the base "
+                        f"{base_name} has {base.get_input_embeddings().weight.shape[0]} embedding rows")
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise UserError(f"cannot load adapter {adapter_dir} onto {base_name}: {str(exc).strip().splitlines()[0]}") from exc
+    model = peft_model.merge_and_unload()
+    if not trained_with_mtp:
+        _warn_untrained(str(adapter_dir))
+        add_mtp_token(model, tokenizer)
+    return model, tokenizer
+
+
+def load_for_export(model_dir: str):
+    """(merged float32 model, tokenizer with <MTP>) for a full checkpoint, an alias, or a LoRA adapter directory."""
+    path = Path(model_dir).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter(path)
+    return _load_full(model_dir)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the generation config plus the tokenizer's EOS (ChatML: `<|im_end|>` ends the assistant turn)."""
+    ids: list[int] = []
+    for source in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+                   tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def mtp_generation_config(model, tokenizer, *, strategy: str, k_max: int, tau: float):
+    """The model's generation config plus the MTP decoding defaults as extra attributes (saved to JSON as-is)."""
+    gen = copy.deepcopy(model.generation_config)
+    # A config derived from config.json is flagged `_from_model_config`, and transformers then drops every extra
+    # attribute on reload: this one is a real, user-authored generation config.
+    gen._from_model_config = False
+    gen.eos_token_id = stop_token_ids(model, tokenizer)
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.mtp_strategy = strategy
+    gen.mtp_k_max = int(k_max)
+    gen.mtp_tau = float(tau)
+    gen.mtp_mask_token_id = int(model.config.mtp_mask_token_id)
+    return gen
+
+
+def _check_options(strategy: str, k_max: int | None, tau: float, dtype: str) -> None:
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if k_max is not None and k_max < 1:
+        raise UserError(f"--k-max must be >= 1, got {k_max}")
+    if not 0.0 < tau <= 1.0:
+        raise UserError(f"--tau must be in (0, 1], got {tau}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _replace_dir(tmp: Path, output: Path) -> None:
+    """Move the finished tmp dir to `output`; an old output is moved aside first and removed only afterwards."""
+    old = None
+    if output.exists() and any(output.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=output.name + ".old-", dir=output.parent))
+        os.replace(output, old / output.name)
+    os.replace(tmp, output)  # an empty existing directory is replaced atomically
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: str = "float32",
+                 k_max: int | None = None, tau: float = DEFAULT_TAU, strategy: str = "confadapt",
+                 overwrite: bool = False) -> Path:
+    """Export `model_dir` (checkpoint, alias or LoRA adapter dir) to a plain safetensors HF directory; return it."""
+    _check_options(strategy, k_max, tau, dtype)
+    output = Path(output_dir).expanduser().resolve()
+    source = Path(model_dir).expanduser()
+    if source.exists() and source.resolve() == output:
+        raise UserError("--output must differ from --model")
+    if output.exists():
+        if not output.is_dir():
+            raise UserError(f"{output} exists and is not a directory")
+        if any(output.iterdir()) and not overwrite:
+            raise UserError(f"{output} exists and is not empty; pass --overwrite to replace it")
+
+    model, tokenizer = load_for_export(str(model_dir))
+    if k_max is None:
+        k_max = int(getattr(model.config, "mtp_k_max", None) or DEFAULT_K_MAX)
+    model.config.mtp_k_max = int(k_max)
+    model.generation_config = mtp_generation_config(model, tokenizer, strategy=strategy, k_max=k_max, tau=tau)
+    model.to(DTYPES[dtype])
+    model.config.dtype = DTYPES[dtype]
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error: ...` line, exit 2 (distill/cli.py), instead of argparse's usage dump
+        raise UserError(message)
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(prog="mtp export", description="Merge LoRA (if any) and save a plain safetensors HF directory "
+                     "with <MTP> and the MTP decoding defaults in its generation config.")
+    parser.add_argument("--model", required=True, help="full checkpoint dir, alias, or LoRA adapter dir")
+    parser.add_argument("--output", required=True, help="output directory (created atomically)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--k-max", type=int, default=None,
+                        help=f"default span length (default: the model's config.mtp_k_max, else {DEFAULT_K_MAX})")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="default ConfAdapt threshold")
+    parser.add_argument("--strategy", default="confadapt", choices=STRATEGIES, help="default decoding strategy")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty existing output directory")
+    args = parser.parse_args(argv)
+    out = export_model(args.model, args.output, dtype=args.dtype, k_max=args.k_max, tau=args.tau,
+                       strategy=args.strategy, overwrite=args.overwrite)
+    print(f"exported {args.model} -> {out}")
+    return 0

@@ -1,0 +1,154 @@
+"""`mtp export`: the exported directory reloads with plain transformers and decodes exactly like the source model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from distill.cli import main as mtp_main
+from distill.errors import UserError
+from distill.export import export_model
+from distill.models import load_model, load_tokenizer
+from distill.tokens import MTP_TOKEN, add_mtp_token
+
+
+def _probe_ids(tokenizer, mask_id: int) -> torch.LongTensor:
+    """A prompt followed by <MTP> masks: exercises the trained mask row as well as ordinary tokens."""
+    ids = tokenizer("Natalia sold 48 clips in April.", add_special_tokens=False).input_ids
+    return torch.tensor([ids + [mask_id] * 3])
+
+
+def _greedy(model, ids: torch.LongTensor, n: int = 12, suppress: list[int] | None = None) -> list[int]:
+    gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           suppress_tokens=suppress)
+    with torch.no_grad():
+        return model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))[0].tolist()
+
+
+def _assert_same_model(reference, exported, tokenizer, mask_id: int, real_vocab_only: bool = False) -> None:
+    """Same logits (all rows, or only the tokenizer's real ids) and the same greedy continuation."""
+    ids = _probe_ids(tokenizer, mask_id)
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids).logits
+        exp_logits = exported(input_ids=ids).logits
+    vocab = len(tokenizer) if real_vocab_only else ref_logits.shape[-1]
+    torch.testing.assert_close(exp_logits[..., :vocab], ref_logits[..., :vocab], rtol=0, atol=1e-5)
+    suppress = list(range(vocab, ref_logits.shape[-1])) or None
+    assert _greedy(exported, ids, suppress=suppress) == _greedy(reference, ids, suppress=suppress)
+
+
+@pytest.fixture(scope="module")
+def base_without_mtp(smollm2_dir, tmp_path_factory) -> str:
+    """A tiny random Llama with the original SmolLM2 vocabulary (no <MTP>), like a pretrained base."""
+    plain = load_tokenizer(smollm2_dir)
+    assert MTP_TOKEN not in plain.get_vocab()
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(plain), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      eos_token_id=plain.eos_token_id, pad_token_id=plain.pad_token_id, bos_token_id=plain.bos_token_id)
+    out = tmp_path_factory.mktemp("base-no-mtp")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    plain.save_pretrained(out)
+    return str(out)
+
+
+def test_full_checkpoint_round_trip(tiny_model_dir, tmp_path):
+    out = export_model(tiny_model_dir, tmp_path / "exported", k_max=8, tau=0.8, strategy="confadapt")
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth")) == []
+    assert any(p.suffix == ".safetensors" for p in out.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name != "exported"]  # no tmp dir left behind
+
+    exported = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no remote code
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reference = load_model(tiny_model_dir)
+    mask_id = reference.config.mtp_mask_token_id
+    assert tokenizer.convert_tokens_to_ids(MTP_TOKEN) == mask_id
+    assert exported.config.mtp_mask_token_id == mask_id and exported.config.mtp_k_max == 8
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["mtp_strategy"] == "confadapt" and gen["mtp_k_max"] == 8 and gen["mtp_tau"] == 0.8
+    assert gen["mtp_mask_token_id"] == mask_id and tokenizer.eos_token_id in gen["eos_token_id"]
+    assert exported.generation_config.mtp_tau == 0.8  # custom attributes survive the reload
+    _assert_same_model(reference, exported, tokenizer, mask_id)
+
+
+@pytest.mark.parametrize("save_embedding_layers", [False, True])
+def test_lora_adapter_round_trip(base_without_mtp, tmp_path, save_embedding_layers):
+    """Emulate a LoRA run: base + <MTP> (trainable row on both matrices) + LoRA, perturbed as if trained.
+
+    Without saved embedding layers the base must be rebuilt with the same vocabulary (add_mtp_token) and the trained
+    <MTP> rows come from the trainable-token values; with them, the full matrices come from the adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tokenizer = load_tokenizer(base_without_mtp)
+    base = load_model(base_without_mtp)
+    mask_id = add_mtp_token(base, tokenizer)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     trainable_token_indices={"embed_tokens": [mask_id], "lm_head": [mask_id]})
+    peft_model = get_peft_model(base, cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir, save_embedding_layers=save_embedding_layers)
+    tokenizer.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == base_without_mtp
+
+    out = export_model(adapter_dir, tmp_path / "merged", dtype="float32")
+    assert not (out / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    exp_tok = AutoTokenizer.from_pretrained(out)
+    assert exported.config.mtp_mask_token_id == mask_id and exp_tok.convert_tokens_to_ids(MTP_TOKEN) == mask_id
+    assert not any("lora" in k for k in exported.state_dict())
+    peft_model.eval()
+    # Rows past len(tokenizer) are padding of the resized matrix (no token maps to them); resize_token_embeddings
+    # fills them with unseeded random values, so they only match when the adapter saved the full matrices.
+    _assert_same_model(peft_model, exported, exp_tok, mask_id, real_vocab_only=not save_embedding_layers)
+    # The trained mask row really came from the adapter (not the base's freshly initialised one).
+    fresh = load_model(base_without_mtp)
+    add_mtp_token(fresh, load_tokenizer(base_without_mtp))
+    assert not torch.equal(exported.get_input_embeddings().weight[mask_id], fresh.get_input_embeddings().weight[mask_id])
+    assert isinstance(peft_model, PeftModel)
+
+
+def test_untrained_base_gets_mtp_token(base_without_mtp, tmp_path, capsys):
+    out = export_model(base_without_mtp, tmp_path / "converted", dtype="bfloat16", strategy="selfspec")
+    assert "untrained conversion" in capsys.readouterr().err
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(out)
+    assert exported.config.mtp_mask_token_id == tok.convert_tokens_to_ids(MTP_TOKEN)
+    assert exported.generation_config.mtp_strategy == "selfspec"
+
+
+def test_export_refuses_to_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="--overwrite"):
+        export_model(tiny_model_dir, out)
+    rc = mtp_main(["export", "--model", tiny_model_dir, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    assert mtp_main(["export", "--model", tiny_model_dir, "--output", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy was cleaned up
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tau", "1.5"], "--tau"),
+    (["--k-max", "0"], "--k-max"),
+    (["--strategy", "beam"], "strategy"),
+])
+def test_export_bad_options(tiny_model_dir, tmp_path, capsys, argv, message):
+    rc = mtp_main(["export", "--model", tiny_model_dir, "--output", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
