@@ -1,0 +1,198 @@
+"""`mtp generate` (decode prompts with an MTP model) and `mtp demo` (the first thing a newcomer runs).
+
+    mtp generate --model outputs/smollm2-cpu --prompt "..." [--strategy static|confadapt|selfspec] [--k K]
+                 [--tau T] [--k-max K] [--batch-file prompts.jsonl] [--json] [--html chunks.html]
+
+Decoding defaults come from the model's generation config (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, written by
+`mtp export`), else ConfAdapt with k_max 16 and tau 0.9 (paper §4.2). A model without `<MTP>` gets one added on the
+fly (an untrained conversion, announced on stderr): useful to try the tool on any base, meaningless for speed.
+
+    mtp demo [--steps 30] [--output-dir outputs/demo] [--dataset path.jsonl]
+
+distils the default model on GSM8K for a few steps on the CPU (`mtp train` with recipes/smollm2-cpu.yaml), then
+decodes held-out questions with Static(1) (plain next-token decoding) and ConfAdapt and prints the comparison, and
+writes the chunk view to <output-dir>/chunks.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from distill.errors import UserError
+from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
+from distill.tokens import MTP_TOKEN, add_mtp_token
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_STRATEGY, DEFAULT_K_MAX, DEFAULT_TAU = "confadapt", 16, 0.9  # paper §4.2, §7.7
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
+GSM8K_LOCAL = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error: ...` line, exit 2 (distill/cli.py), instead of argparse's usage dump
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared by generate, demo and bench-decode
+
+
+def load_mtp_model(name_or_path: str, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode; adds an untrained <MTP> (with a one-line warning) if the model has none."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tokenizer = load_tokenizer(name_or_path)
+    model = load_model(name_or_path, dtype=DTYPES[dtype])
+    if MTP_TOKEN not in tokenizer.get_vocab() or getattr(model.config, "mtp_mask_token_id", None) is None:
+        print(f"warning: {name_or_path} has no {MTP_TOKEN} token; added an untrained one (untrained conversion: "
+              "spans beyond the first token are not meaningful until it is distilled with `mtp train`)",
+              file=sys.stderr)
+        add_mtp_token(model, tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def mtp_defaults(name_or_path: str) -> dict:
+    """Decoding defaults recorded by `mtp export` in generation_config.json (config.mtp_k_max written by the trainer
+    as a fallback for k_max), else the paper's. Read from the JSON files, so bad flags fail before the model loads."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from distill.models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        gen = None
+    try:
+        k_max_trained = getattr(AutoConfig.from_pretrained(path), "mtp_k_max", None)
+    except (OSError, ValueError):
+        k_max_trained = None
+    return {
+        "strategy": getattr(gen, "mtp_strategy", None) or DEFAULT_STRATEGY,
+        "k_max": int(getattr(gen, "mtp_k_max", None) or k_max_trained or DEFAULT_K_MAX),
+        "tau": float(getattr(gen, "mtp_tau", None) or DEFAULT_TAU),
+    }
+
+
+def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None):
+    """Command-line values override the model's defaults; make_strategy validates them (UserError)."""
+    from adaptive.strategies import make_strategy
+
+    name = name or defaults["strategy"]
+    if name == "static":
+        if k is None and k_max is None:
+            if defaults["strategy"] != "static":
+                raise UserError("--strategy static needs --k (tokens per forward pass)")
+            k = defaults["k_max"]
+        return make_strategy(name, k=k, k_max=k_max)
+    if k is None and k_max is None:
+        k_max = defaults["k_max"]
+    tau = defaults["tau"] if tau is None else tau
+    return make_strategy(name, k=k, k_max=k_max, tau=tau if name == "confadapt" else None)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    from distill.export import stop_token_ids
+
+    return stop_token_ids(model, tokenizer)
+
+
+def read_prompts(prompts: list[str] | None, batch_file: str | None) -> list[str]:
+    """--prompt values, then the prompts of a JSON-lines file ({"prompt": ...} per line; blank lines skipped)."""
+    out = list(prompts or [])
+    if batch_file:
+        path = Path(batch_file)
+        if not path.is_file():
+            raise UserError(f"batch file {path} does not exist")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise UserError(f'{path}:{lineno}: expected an object with a string "prompt" field')
+            out.append(row["prompt"])
+    if not out:
+        raise UserError("no prompt given; pass --prompt TEXT or --batch-file prompts.jsonl")
+    for p in out:
+        if not p.strip():
+            raise UserError("empty prompt")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mtp generate
+
+
+def generate_main(argv: list[str]) -> int:
+    from adaptive.chunkview import render_terminal, summary_line, write_html
+    from adaptive.decoder import MTPDecoder
+
+    parser = _Parser(prog="mtp generate", description="Decode prompts with an MTP model, a span per forward pass.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or alias (default {DEFAULT_MODEL})")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--batch-file", help='JSON lines file, one {"prompt": ...} per line')
+    parser.add_argument("--strategy", choices=("static", "confadapt", "selfspec"),
+                        help="default: the model's generation config, else confadapt")
+    parser.add_argument("--k", type=int, help="static: tokens per forward pass")
+    parser.add_argument("--tau", type=float, help="confadapt: confidence threshold in (0, 1]")
+    parser.add_argument("--k-max", type=int, help="confadapt/selfspec: positions read per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as-is, no chat template")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    parser.add_argument("--html", help="write the chunk view of every generation to this HTML file")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    args = parser.parse_args(argv)
+
+    prompts = read_prompts(args.prompt, args.batch_file)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.html and Path(args.html).is_dir():
+        raise UserError(f"--html {args.html} is a directory")
+    strategy = build_strategy(mtp_defaults(args.model), args.strategy, k=args.k, tau=args.tau, k_max=args.k_max)
+    model, tokenizer = load_mtp_model(args.model, args.dtype)
+    stops = stop_ids(model, tokenizer)
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
+    start = time.perf_counter()
+    results = decoder.generate_text(prompts, strategy, max_new_tokens=args.max_new_tokens,
+                                    chat_template=not args.no_chat_template, batch_size=args.batch_size,
+                                    progress=len(prompts) > args.batch_size)
+    wall = time.perf_counter() - start
+
+    if args.json:
+        for r in results:
+            print(json.dumps({**asdict(r), "strategy": strategy.label}, ensure_ascii=False))
+    else:
+        color = sys.stdout.isatty()
+        for n, r in enumerate(results, 1):
+            if len(results) > 1:
+                print(f"--- {n}/{len(results)}: {r.prompt[:70]!r}")
+            print(render_terminal(r, tokenizer, color=color, stop_token_ids=stops))
+            print(summary_line(r, strategy.label))
+        if len(results) > 1:
+            tokens = sum(len(r.token_ids) for r in results)
+            forwards = sum(r.forward_passes for r in results)
+            print(f"total: {tokens} tokens, {forwards} forwards, {tokens / max(forwards, 1):.2f} tokens/forward, "
+                  f"{tokens / wall:.1f} tok/s over {wall:.1f} s")
+    if args.html:
+        path = write_html(args.html, results, tokenizer, title="mtp generate", strategy_label=strategy.label,
+                          stop_token_ids=stops)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
