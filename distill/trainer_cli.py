@@ -1,0 +1,238 @@
+"""`mtp train --config recipes/X.yaml [--key value ...]`: distil a causal LM into an MTP model (paper §3).
+
+TRL-style: `trl.TrlParser` over three dataclasses, as `trl sft` and the alignment-handbook scripts do:
+  * `MTPDistillConfig` (distill/trainer.py): every `transformers.TrainingArguments` flag plus the MTP knobs
+    (k_min/k_max, num_regions, seq_len, teacher, supervision, ...) and the dataset (dataset_name, dataset_format,
+    eval_fraction, ...);
+  * `trl.ModelConfig`: the model (`model_name_or_path`, `dtype`, `attn_implementation`) and the LoRA options
+    (`use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`, `lora_modules_to_save`), turned into a
+    `peft.LoraConfig` by `trl.get_peft_config`;
+  * `ScriptArguments` (below): what neither holds.
+The YAML file supplies defaults, command-line flags override them, a top-level `env:` mapping is exported to the
+environment. An unknown key, in the file or on the command line, is an error: a typo must not silently train with a
+default.
+
+A relative dataset path is tried against the working directory first, then against the repository root, so the CPU
+recipe's `../shared/data/gsm8k/train.jsonl` works from anywhere inside the checkout. Without a dataset the GSM8K train
+split is used.
+
+The final model is written into `output_dir` (checkpoints stay in `output_dir/checkpoint-N`). It is staged in a
+hidden sub-directory and moved in with its `config.json` (`adapter_config.json` for LoRA) last, the file every loader
+opens first: a crash mid-save never leaves something that looks like a complete model.
+"""
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATASET = "../shared/data/gsm8k/train.jsonl"  # GSM8K train (the paper's data is GSM8K-train-derived, §3.1)
+STAGING = ".final.partial"
+
+
+@dataclass
+class ScriptArguments:
+    """Options of this script that neither the trainer config nor trl.ModelConfig carries."""
+
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off: safer)."})
+
+
+# ----------------------------------------------------------------------------------------------------------- parsing
+
+
+def _parser():
+    from trl import ModelConfig, TrlParser
+
+    from distill.trainer import MTPDistillConfig
+
+    class Parser(TrlParser):
+        # argparse would print usage and exit; we want one `error: ...` line from the `mtp` dispatcher instead.
+        def error(self, message):
+            raise UserError(message)
+
+    # allow_abbrev=False: `--learning_rat 1` must be an error, not a silent prefix match.
+    parser = Parser((ScriptArguments, MTPDistillConfig, ModelConfig), allow_abbrev=False)
+    parser.set_defaults(dataset_name=DEFAULT_DATASET)
+    return parser
+
+
+def _read_recipe(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        with open(path) as fh:
+            recipe = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(recipe, dict):
+        raise UserError(f"config file {path} must hold a YAML mapping of option: value")
+    if not isinstance(recipe.get("env", {}), dict):
+        raise UserError(f"config file {path}: `env` must be a mapping of VARIABLE: value")
+    return recipe
+
+
+def parse_args(argv: list[str]):
+    """(ScriptArguments, MTPDistillConfig, ModelConfig) from `--config FILE` defaults + command-line overrides."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):  # TrlParser only understands `--config FILE`, not `--config=FILE`
+        if arg.startswith("--config="):
+            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
+            break
+    parser = _parser()
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file path")
+        recipe = _read_recipe(argv[i + 1])
+        # TrlParser reports unknown recipe keys as a ValueError listing "--key value" pairs; name them plainly.
+        known = {action.dest for action in parser._actions} | {"env"}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise UserError(f"unknown key(s) in {argv[i + 1]}: {', '.join(unknown)}")
+    try:
+        script_args, config, model_args, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except ValueError as exc:  # TrainingArguments.__post_init__ checks (e.g. bf16 without a GPU)
+        raise UserError(str(exc).splitlines()[0]) from exc
+    if unknown:
+        raise UserError(f"unknown option(s): {' '.join(unknown)}")
+    _check_model_args(model_args)
+    return script_args, config, model_args
+
+
+def _check_model_args(model_args) -> None:
+    """ModelConfig carries a few options this project does not implement: refuse them instead of ignoring them."""
+    if not model_args.model_name_or_path:
+        raise UserError("model_name_or_path is required (an alias such as smollm2-135m, a directory or a hub id)")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("load_in_4bit / load_in_8bit are not supported (the teacher must see the same weights)")
+    if model_args.dtype in (None, "auto"):
+        raise UserError("dtype auto is not supported; name it: float32, bfloat16 or float16")
+    if model_args.model_revision != "main":
+        raise UserError("model_revision is not supported; download the revision and pass its directory")
+    if model_args.use_peft and model_args.lora_task_type != "CAUSAL_LM":
+        raise UserError("lora_task_type must be CAUSAL_LM")
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+
+
+def resolve_dataset(name: str) -> str:
+    """A local file (relative to the working directory, else to the repository root) or a hub name unchanged."""
+    looks_local = name.startswith((".", "/", "~")) or name.endswith((".json", ".jsonl", ".parquet"))
+    if not looks_local:
+        return name
+    for candidate in (Path(name).expanduser(), REPO / name):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise UserError(f"dataset file {name} not found (looked in {Path.cwd()} and {REPO})")
+
+
+# ------------------------------------------------------------------------------------------------- output directory
+
+
+def _resume_target(config) -> str | None:
+    """`resume_from_checkpoint`: a checkpoint directory, or true/last/latest for the newest one in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = config.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    if str(value).lower() in ("true", "yes", "last", "latest"):
+        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if last is None:
+            raise UserError(f"resume_from_checkpoint: no checkpoint-N directory in {config.output_dir}")
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise UserError(f"resume_from_checkpoint: {value} is not a checkpoint directory (no trainer_state.json)")
+    return str(value)
+
+
+def _check_output_dir(output_dir: str, resuming: bool) -> None:
+    """Never train over an earlier run by accident: its checkpoint-N directories would be overwritten."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    if resuming or not out.is_dir():
+        return
+    if get_last_checkpoint(str(out)) is not None or any((out / m).exists() for m in ("config.json", "adapter_config.json")):
+        raise UserError(
+            f"output_dir {out} already holds a run; pass --resume_from_checkpoint true to continue it "
+            "or choose another --output_dir"
+        )
+
+
+def save_final(trainer, output_dir: str) -> str:
+    """Trainer.save_model into a staging directory, then move the files in, marker file (config) last."""
+    out = Path(output_dir)
+    staging = out / STAGING
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    # Every rank calls save_model: under ZeRO-3 / FSDP it gathers the shards; only the main process writes.
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        markers = ("config.json", "adapter_config.json")
+        for marker in markers:  # un-commit the previous final model first (resumed runs)
+            (out / marker).unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name in markers):
+            os.replace(path, out / path.name)
+        staging.rmdir()
+    trainer.accelerator.wait_for_everyone()
+    return str(out)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        script_args, config, model_args = parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+    from trl import get_peft_config
+
+    from distill.models import load_tokenizer
+    from distill.trainer import MTPDistillTrainer
+
+    resume = _resume_target(config)
+    _check_output_dir(config.output_dir, resuming=resume is not None)
+    config.dataset_name = resolve_dataset(config.dataset_name)
+
+    # The model goes to the trainer by name, loaded with these kwargs (TRL's model_init_kwargs convention); keys the
+    # recipe sets in model_init_kwargs win over the ModelConfig fields.
+    config.model_init_kwargs = {
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "trust_remote_code": script_args.trust_remote_code,
+        **(config.model_init_kwargs or {}),
+    }
+    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=script_args.trust_remote_code)
+    # No datasets passed: the trainer loads config.dataset_name, tokenizes it for the packing's raw length and carves
+    # the eval split (eval_fraction), see distill.trainer.prepare_datasets.
+    trainer = MTPDistillTrainer(
+        model=model_args.model_name_or_path,
+        args=config,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    path = save_final(trainer, config.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        kind = "LoRA adapter" if model_args.use_peft else "model"
+        print(f"saved {kind} + tokenizer to {path} (step {trainer.state.global_step})")
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # env.md §2: ZeRO-3 aborts at exit without it
+    return 0
