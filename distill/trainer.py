@@ -1,0 +1,392 @@
+"""MTPDistillTrainer: turn a causal LM into a multi-token predictor by online self-distillation (paper §2.3, §7.4).
+
+One training step (per rank, per optimizer step; §2.3):
+
+    k, o   = StepSampler(global_step)                 k ~ U{k_min..k_max}, offset o ~ U{0..P(k)-1}   (§1.4, §1.5)
+    layout = build_layout(rows, k, M, S, o)           M MTP problems per row, GT replicated, RoPE = source index (§1.3)
+    Ls     = student(layout, block mask)[pred slots]  [R, k, V], with grad; the LM head runs at pred slots only
+    y'     = argmax Ls                                the student's greedy k-token proposal
+    t_in   = layout inputs, masks <- y'_1..y'_{k-1}   student forcing (§2.2 step 4)
+    Lt     = teacher(t_in, causal block mask)[pred]   no grad, dropout off
+    loss   = objective(Ls, Lt)                        hard teacher CE by default (distill/objective.py)
+
+The trainer is a plain `transformers.Trainer` otherwise: optimizer, schedule, gradient accumulation, DeepSpeed/FSDP,
+checkpointing and `resume_from_checkpoint` all come from it. It adds `<MTP>` to the model if missing, records
+`config.mtp_mask_token_id` / `config.mtp_k_max` in saved checkpoints, wraps the model with peft when given a
+`peft_config` (keeping the `<MTP>` embedding row trainable), and logs the paper's diagnostics (§2.2 step 8).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from distill.attention import dense_block_mask, flex_block_mask
+from distill.data import MTPCollator, format_and_tokenize, load_examples, train_eval_split
+from distill.errors import UserError
+from distill.layout import StepSampler, build_layout, prefix_len, raw_tokens_needed
+from distill.objective import SUPERVISIONS, metric_names, mtp_objective
+from distill.teacher import (
+    TEACHER_KINDS,
+    Teacher,
+    frozen_copy,
+    is_peft_model,
+    load_teacher,
+    resolve_teacher_kind,
+    slot_logits,
+)
+from distill.tokens import add_mtp_token, get_mtp_token_id
+
+
+@dataclass
+class MTPDistillConfig(TrainingArguments):
+    """Every `transformers.TrainingArguments` flag, plus the MTP layout, objective, teacher and dataset options.
+
+    Defaults follow the paper's main runs (§7.7) where they are method-level (k range, regions, sequence length,
+    causal attention, hard teacher, lr 1e-5 with warm-up then constant, AdamW betas/decay of the reference config).
+    Run-size knobs (steps, batch size, warm-up length) belong in the recipe.
+    """
+
+    # --- layout (§1.3-1.5) ---
+    k_min: int = field(default=2, metadata={"help": "Smallest k (tokens predicted per MTP problem) drawn per step (§1.5)."})
+    k_max: int = field(default=16, metadata={"help": "Largest k drawn per step; also recorded as config.mtp_k_max (§1.5)."})
+    num_regions: int = field(default=5, metadata={"help": "MTP problems M packed per row; paper: seq_len / (2 k_max) (§1.3)."})
+    seq_len: int = field(default=160, metadata={"help": "Packed model input length S per row (§1.3)."})
+    random_offsets: bool = field(default=True, metadata={"help": "Shift the region grid by a random offset each step (§1.4)."})
+    bidirectional: bool = field(
+        default=False,
+        metadata={"help": "BDA ablation: slots of one MTP span attend to each other (student only; §1.3)."},
+    )
+    # --- objective (§2) ---
+    supervision: str = field(
+        default="hard",
+        metadata={"help": "hard: CE to the teacher's argmax (main method); soft: KL(teacher||student); "
+                          "gt: CE to the ground truth, no teacher pass (§2.2).", "choices": list(SUPERVISIONS)},
+    )
+    sequence_weighted: bool = field(
+        default=False,
+        metadata={"help": "Paper equation form (§2.1 eq. mtpo2): -P_T(y'|x) log P_S(y'|x) per MTP problem."},
+    )
+    prefix_ntp_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the NTP cross-entropy on ground truth at prefix slots (0 = off)."}
+    )
+    student_entropy_beta: float = field(
+        default=0.0, metadata={"help": "Weight β of the student-entropy penalty β·H(S) (0 = off; §2.2)."}
+    )
+    teacher: str = field(
+        default="auto",
+        metadata={"help": "auto (shared-base for LoRA, else frozen-copy) | shared-base (LoRA adapters disabled) | "
+                          "frozen-copy | a model name/path with the same tokenizer."},
+    )
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for distill.models.load_model when the model is given by name "
+                          "(dtype, attn_implementation, trust_remote_code)."},
+    )
+    # --- dataset (§1.6, §7.2) ---
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset (openai/gsm8k, meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to load from a hub dataset."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "chat (tokenizer chat template) | plain (BOS + query + blank line + response + EOS) | "
+                          "auto (chat when the tokenizer has a template).", "choices": ["auto", "chat", "plain"]},
+    )
+    question_column: str | None = field(default=None, metadata={"help": "Question column (default: auto-detected)."})
+    answer_column: str | None = field(default=None, metadata={"help": "Answer column (default: auto-detected)."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of rows held out for evaluation (seeded; grouped by seed question)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+
+    # --- TrainingArguments defaults changed for this method ---
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate (§3.1)."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata={"help": "Linear warm-up then constant (§3.1)."}
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (reference config; §6.3 item 2)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (reference config; §6.3 item 2)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns; the MTP collator reads input_ids only."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on when CUDA with bf16 is available."}
+    )
+
+    def __post_init__(self):
+        # wandb never needs a network unless the user asks for one.
+        os.environ.setdefault("WANDB_MODE", "offline")
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+        if isinstance(self.model_init_kwargs, str):  # from the command line: a JSON object
+            import json
+
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        self._check()
+        super().__post_init__()
+
+    def _check(self) -> None:
+        if self.k_min < 2 or self.k_max < self.k_min:
+            raise UserError(f"need 2 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
+        prefix_len(self.seq_len, self.num_regions, self.k_max)  # UserError when k_max does not fit a region
+        if self.supervision not in SUPERVISIONS:
+            raise UserError(f"unknown supervision {self.supervision!r}; choose one of {', '.join(SUPERVISIONS)}")
+        if self.sequence_weighted and self.supervision == "gt":
+            raise UserError("sequence_weighted needs a teacher; use supervision 'hard' or 'soft'")
+        if self.prefix_ntp_weight < 0:
+            raise UserError(f"prefix_ntp_weight must be >= 0, got {self.prefix_ntp_weight}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def raw_length(self) -> int:
+        """Source tokens per row the packing can consume (incl. the last target), at the smallest k (§1.3)."""
+        return raw_tokens_needed(self.seq_len, self.num_regions, self.k_min)
+
+
+def prepare_datasets(args: MTPDistillConfig, tokenizer):
+    """(train, eval or None) tokenized datasets from args.dataset_name, as the recipe describes them."""
+    if not args.dataset_name:
+        raise UserError("no dataset given (dataset_name)")
+    ds = load_examples(args.dataset_name, args.dataset_split, question_column=args.question_column,
+                       answer_column=args.answer_column)
+    train, evaluation = train_eval_split(ds, args.eval_fraction, args.seed)
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if evaluation is not None and args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    tokenize = lambda d: format_and_tokenize(d, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)  # noqa: E731
+    return tokenize(train), (tokenize(evaluation) if evaluation is not None else None)
+
+
+def _mtp_token_peft_config(peft_config, model, mtp_id: int):
+    """LoRA never trains embeddings; <MTP> is a new row, so make exactly that row trainable (peft trainable tokens)."""
+    if not hasattr(peft_config, "trainable_token_indices") or peft_config.trainable_token_indices is not None:
+        return peft_config  # not LoRA, or the user chose the trainable tokens
+    names = {module: name.split(".")[-1] for name, module in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed.__class__.__name__ == "TrainableTokensWrapper" or names[embed] in (peft_config.modules_to_save or []):
+        return peft_config  # the embedding is already trained
+    targets = {names[embed]: [mtp_id]}
+    # A tied head follows the embedding inside peft; an untied head gets its own <MTP> row.
+    if head is not None and head.weight is not embed.weight and names[head] not in (peft_config.modules_to_save or []):
+        targets[names[head]] = [mtp_id]
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.trainable_token_indices = targets
+    return peft_config
+
+
+class MTPDistillTrainer(Trainer):
+    """`Trainer` whose loss is the online self-distillation MTP objective (see the module docstring)."""
+
+    def __init__(self, model, args: MTPDistillConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, teacher_model=None, callbacks=None, **kwargs):
+        from distill.models import load_model, load_tokenizer
+
+        args = args if args is not None else MTPDistillConfig(output_dir="outputs/mtp")
+        if not isinstance(args, MTPDistillConfig):
+            raise UserError("args must be an MTPDistillConfig")
+        if isinstance(model, str):
+            processing_class = processing_class or load_tokenizer(model)
+            model = load_model(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            raise UserError("pass the tokenizer as processing_class")
+        tokenizer = processing_class
+        if peft_config is not None and is_peft_model(model):
+            raise UserError("the model is already a peft model; pass either a peft model or a peft_config, not both")
+        uses_peft = peft_config is not None or is_peft_model(model)
+
+        # <MTP> (paper §1.1) and the recorded decoding defaults; a peft model must already have it.
+        if is_peft_model(model):
+            self.mask_token_id = get_mtp_token_id(model.config)
+        else:
+            self.mask_token_id = add_mtp_token(model, tokenizer)
+        model.config.mtp_k_max = args.k_max
+
+        # The teacher is built before peft wraps the student: a frozen copy must be the plain initial model.
+        student_rows = model.get_output_embeddings().weight.shape[0]
+        teacher_kind, teacher_module = "shared-base", None
+        if teacher_model is not None:
+            teacher_kind = "model"
+            if isinstance(teacher_model, str):
+                teacher_model = load_teacher(teacher_model, model, tokenizer)
+            teacher_module = teacher_model.requires_grad_(False).eval()
+        elif args.supervision != "gt":
+            teacher_kind = resolve_teacher_kind(args.teacher, uses_peft=uses_peft)
+            if teacher_kind == "frozen-copy":
+                teacher_module = frozen_copy(model)
+            elif teacher_kind not in TEACHER_KINDS:
+                teacher_module = load_teacher(teacher_kind, model, tokenizer,
+                                              attn_implementation=model.config._attn_implementation)
+                teacher_kind = "model"
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _mtp_token_peft_config(peft_config, model, self.mask_token_id))
+
+        if train_dataset is None and args.dataset_name:
+            train_dataset, prepared_eval = prepare_datasets(args, tokenizer)
+            eval_dataset = eval_dataset if eval_dataset is not None else prepared_eval
+        train_dataset, eval_dataset = (self._tokenized(d, tokenizer, args) for d in (train_dataset, eval_dataset))
+        data_collator = kwargs.pop("data_collator", None) or MTPCollator(tokenizer.pad_token_id, args.raw_length)
+
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, **kwargs)
+        # compute_loss returns a per-micro-batch mean (§2.2 step 7); the Trainer divides it over accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+        self.pad_token_id = tokenizer.pad_token_id
+        self.teacher = None
+        if args.supervision != "gt":
+            if teacher_kind == "shared-base":
+                self.teacher = Teacher("shared-base", self.model, replace_token_id=self.pad_token_id)
+            else:
+                teacher_rows = teacher_module.get_output_embeddings().weight.shape[0]
+                self.teacher = Teacher(teacher_kind, self._prepare_teacher(teacher_module),
+                                       replace_token_id=self.pad_token_id, vocab_size=min(teacher_rows, student_rows))
+        self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, args.num_regions,
+                                   rank=args.process_index, random_offsets=args.random_offsets)
+        # Evaluation draws (k, offset) per eval batch from its own seed, the same sequence at every evaluation.
+        self.eval_sampler = StepSampler(args.seed + 1, args.k_min, args.k_max, args.seq_len, args.num_regions,
+                                        rank=args.process_index, random_offsets=args.random_offsets)
+        self._eval_batch = 0
+        self._flex_masks: dict = {}
+        self._metric_names = ["k", "offset"] + metric_names(args.k_max)
+        self._metric_index = {name: i for i, name in enumerate(self._metric_names)}
+        self._metrics = {mode: torch.zeros(2, len(self._metric_names), dtype=torch.float64) for mode in ("train", "eval")}
+        self._window_start: dict[str, float | None] = {"train": None, "eval": None}
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _tokenized(ds, tokenizer, args):
+        """Raw query/response rows are formatted and tokenized here (TRL trainers accept raw datasets too)."""
+        if ds is None or "input_ids" in ds.column_names:
+            return ds
+        return format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+
+    def _prepare_teacher(self, teacher):
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _attention_mask(self, layout, batch_size: int, bidirectional: bool):
+        """Block mask of §1.3: FlexAttention BlockMask (cached per (k, offset)) or a dense additive float mask."""
+        model = self.accelerator.unwrap_model(self.model)
+        device = layout.input_ids.device
+        if model.config._attn_implementation == "flex_attention" and device.type == "cuda":
+            key = (layout.k, layout.offset, batch_size, bidirectional)
+            if key not in self._flex_masks:
+                self._flex_masks[key] = flex_block_mask(layout.block_ids, batch_size, device, bidirectional)
+            return self._flex_masks[key]
+        dtype = torch.bfloat16 if self.args.bf16 and device.type == "cuda" else model.dtype
+        return dense_block_mask(layout.block_ids.to(device), batch_size, dtype, bidirectional)
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if model.training else "eval"
+        if mode == "train":  # one (k, offset) per optimizer step, shared by its accumulation micro-batches
+            k, offset = self.sampler(self.state.global_step)
+        else:
+            k, offset = self.eval_sampler(self._eval_batch)
+            self._eval_batch += 1
+        source, lengths = inputs["input_ids"], inputs["lengths"]
+        layout = build_layout(source, lengths, k=k, num_regions=args.num_regions, seq_len=args.seq_len,
+                              offset=offset, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id)
+        batch = source.shape[0]
+        student_mask = self._attention_mask(layout, batch, args.bidirectional)
+
+        # Student forward: logits only at prediction slots (plus prefix slots for the prefix-NTP ablation).
+        keep = layout.pred_slots | layout.prefix_slots if args.prefix_ntp_weight else layout.pred_slots
+        logits = slot_logits(model, layout.input_ids, layout.position_ids, student_mask, keep)
+        is_pred = layout.pred_slots[keep]
+        num_problems = layout.num_predictions
+        student_logits = logits[is_pred].view(num_problems, k, -1)
+        gt_targets = layout.labels[layout.pred_slots].view(num_problems, k)
+
+        teacher_logits = None
+        if self.teacher is not None:
+            # Student forcing (§2.2 step 4): mask slot j of a problem shows the student's token y'_{j+1}.
+            rollout = student_logits.detach().argmax(-1)
+            teacher_ids = layout.input_ids.clone()
+            teacher_ids[layout.mask_slots] = rollout[:, : k - 1].reshape(-1)
+            teacher_mask = self._attention_mask(layout, batch, False) if args.bidirectional else student_mask
+            teacher_logits = self.teacher(teacher_ids, layout.position_ids, teacher_mask, layout.pred_slots)
+            teacher_logits = teacher_logits.view(num_problems, k, -1)
+
+        loss, metrics = mtp_objective(
+            student_logits, teacher_logits, gt_targets=gt_targets, supervision=args.supervision,
+            sequence_weighted=args.sequence_weighted, student_entropy_beta=args.student_entropy_beta,
+            prefix_logits=logits[~is_pred] if args.prefix_ntp_weight else None,
+            prefix_targets=layout.labels[layout.prefix_slots] if args.prefix_ntp_weight else None,
+            prefix_ntp_weight=args.prefix_ntp_weight,
+        )
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss ({loss.item()}) at step {self.state.global_step} (k={k}, "
+                            f"offset={offset}); lower the learning rate or check the model and data")
+        self._record(mode, {"k": float(k), "offset": float(offset), **metrics})
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation = the same objective without gradients (there are no labels for the default path)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_batch = 0
+        self._metrics["eval"].zero_()
+        return super().evaluate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, mode: str, metrics: dict[str, float]) -> None:
+        if self._window_start[mode] is None:
+            self._window_start[mode] = time.perf_counter()
+        table = self._metrics[mode]
+        for name, value in metrics.items():
+            i = self._metric_index[name]
+            table[0, i] += value
+            table[1, i] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the window means of the MTP metrics (summed over ranks) to the Trainer's logs."""
+        mode = "train" if self.model.training else "eval"
+        table = self._metrics[mode]
+        if self.accelerator.num_processes > 1:
+            table = self.accelerator.reduce(table.to(self.accelerator.device), reduction="sum").cpu()
+        sums, counts = table
+        if counts.any():
+            prefix = "eval_" if mode == "eval" else ""
+            extra = {prefix + name: (sums[i] / counts[i]).item()
+                     for i, name in enumerate(self._metric_names) if counts[i] > 0}
+            if mode == "train" and self._window_start[mode] is not None:
+                elapsed = max(time.perf_counter() - self._window_start[mode], 1e-9)
+                extra["supervised_tokens_per_s"] = sums[self._metric_index["supervised_tokens"]].item() / elapsed
+            logs.update(extra)  # in place: Trainer.evaluate returns this same dict
+            self._metrics[mode].zero_()
+            self._window_start[mode] = time.perf_counter() if mode == "train" else None
+        super().log(logs, start_time)
