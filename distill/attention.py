@@ -59,7 +59,9 @@ def dense_block_mask(
     allowed = allowed_pairs(block_ids, bidirectional)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=block_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].expand(batch_size, 1, -1, -1)
+    # Materialised (not an expanded view): attention kernels and callers may need a plain contiguous tensor, and
+    # B·S² floats is small next to the activations (32·160² fp32 = 3.3 MB).
+    return mask[None, None].expand(batch_size, 1, -1, -1).contiguous()
 
 
 def flex_block_mask(block_ids: torch.LongTensor, batch_size: int, device, bidirectional: bool = False):
