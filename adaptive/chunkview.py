@@ -89,6 +89,15 @@ def summary_line(result, strategy_label: str = "") -> str:
             f"{result.tokens_per_forward:.2f} tokens/forward, {rate:.1f} tok/s, finish={result.finish_reason}{label}")
 
 
+def size_histogram(results) -> str:
+    """'size×count' over every forward pass, e.g. '1×12  2×5  4×1'."""
+    counts: dict[int, int] = {}
+    for r in results:
+        for size in (len(c) for c in chunk_ids(r)):
+            counts[size] = counts.get(size, 0) + 1
+    return "  ".join(f"{size}×{n}" for size, n in sorted(counts.items()))
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 .legend { background: #f6f6f6; border: 1px solid #ddd; padding: .5rem .8rem; border-radius: 4px; }
@@ -117,6 +126,7 @@ def render_html(results, tokenizer, *, title: str = "MTP chunks", strategy_label
         f'in tokens (<span class="chunk c0">one pass<sup>n</sup></span><span class="chunk c1">next pass<sup>n</sup>'
         f"</span>). {esc(strategy_label)}{' — ' if strategy_label else ''}<b>mean {mean:.2f} tokens/forward</b> "
         f"({total_tokens} tokens in {total_forwards} forward passes).</p>",
+        f'<p class="stats">chunk sizes: {esc(size_histogram(results))}</p>',
     ]
     for n, result in enumerate(results, 1):
         parts.append(f"<h2>Generation {n}</h2>")
