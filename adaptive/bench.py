@@ -2,6 +2,9 @@
 
     mtp bench-decode [--model alias|DIR] [--prompts 16] [--max-new-tokens 32] [--batch-sizes 1,16] [--json]
 
+k_max and tau default to the model's own MTP defaults (generation config / config.mtp_k_max), else 16 and 0.9.
+The prompts are the last rows of the GSM8K file, the rows `mtp demo` holds out of its training data.
+
 Same model, same prompts (the held-out tail of GSM8K, as one user turn of the chat template), same machine, one run
 (anchors §D.2: speed-ups are only meaningful side by side; tokens/forward alone hides the longer per-step query of
 2·k_max−1 tokens, paper §5.7). Modes:
@@ -220,7 +223,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model
+    from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
     from adaptive.strategies import ConfAdapt
 
     parser = _Parser(prog="mtp bench-decode", description="tokens/s of each strategy vs HF greedy and prompt lookup")
@@ -229,8 +232,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--k-max", type=int, default=16)
-    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--k-max", type=int, help="confadapt/selfspec k_max (default: the model's, else 16)")
+    parser.add_argument("--tau", type=float, help="confadapt threshold (default: the model's, else 0.9)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -238,6 +241,9 @@ def main(argv: list[str]) -> int:
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     batch_sizes = _batch_sizes(args.batch_sizes)
+    defaults = mtp_defaults(args.model)
+    args.k_max = args.k_max if args.k_max is not None else defaults["k_max"]
+    args.tau = args.tau if args.tau is not None else defaults["tau"]
     ConfAdapt(args.tau, args.k_max)  # validate before the (slow) model load
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

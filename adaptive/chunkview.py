@@ -152,6 +152,7 @@ def write_html(path, results, tokenizer, **kwargs) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the page is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

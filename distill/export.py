@@ -186,6 +186,7 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the export is meant to be shared
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

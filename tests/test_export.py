@@ -60,6 +60,7 @@ def test_full_checkpoint_round_trip(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth")) == []
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name != "exported"]  # no tmp dir left behind
+    assert out.stat().st_mode & 0o777 == 0o755  # not the 0700 of a private temporary directory
 
     exported = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no remote code
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -89,6 +89,7 @@ def test_batch_file_order_and_html(tiny_model_dir, tmp_path, capsys):
 
     page = html_path.read_text()
     assert sorted(p.name for p in html_path.parent.iterdir()) == ["chunks.html"]  # written atomically, no tmp left
+    assert html_path.stat().st_mode & 0o777 == 0o644
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page  # self-contained
     assert "first &lt;b&gt;bold&lt;/b&gt; &amp; co" in page and "<b>bold</b>" not in page  # prompt text escaped
     spans = re.findall(r'<span class="chunk c(\d)" title="forward (\d+): (\d+) tokens?[^"]*">.*?<sup>(\d+)</sup></span>',
