@@ -1,0 +1,303 @@
+"""Batched KV-cache decoding of an MTP model with a ragged span length per row (paper §4.1, §4.2, §7.5).
+
+KV protocol (§4.1). Per row, `committed` tokens have their KV in the cache; `pending` tokens were accepted last step
+and have no KV yet. One forward feeds  pending ⊕ (k_max−1)·<MTP>  at the true positions that follow the committed
+prefix, reads k_max logits (the last pending token, then every mask), and afterwards the mask KV is cropped away, so
+masks never persist: the pending tokens' KV is what the forward commits. The first forward is the same step with
+pending = the whole prompt (prefill).
+
+Batching (not in the reference code, §7.5; the authors' serving fork cannot batch variable k, §6.2). Rows accept a
+different number of tokens per step, so their pending segments have different lengths. Each step left-pads every
+row's pending segment to the batch maximum L with pad tokens whose attention-mask entry is 0. Then all rows' k_max−1
+masks sit in the same final columns of the cache, and cropping them is one uniform `DynamicCache.crop`. The cache is
+therefore a grid of columns, not of positions: a 2-D attention mask over all cache columns (0 at pad holes) says which
+columns each row may attend to, and explicit per-row position_ids carry the true RoPE positions. The column-causal
+mask HF builds is still correct because each row's tokens appear in column order. Finished rows leave the batch
+(`DynamicCache.batch_select_indices`), and columns no remaining row uses are dropped.
+
+Self-speculative mode (lossless; the paper's future-work item iii). Pending = [a] + drafts d_1..d_n, where a is the
+last verified token and the drafts are the previous step's mask argmaxes. The logit at a gives g_1 and the logit at
+d_i gives g_{i+1}: the model's own greedy predictions. The longest prefix with d_i == g_i is accepted plus the bonus
+g_{j+1}, so the output is greedy decoding exactly. Only a and the accepted drafts keep their KV; rejected drafts
+become attention-mask holes. If every draft was accepted, the masks were conditioned on the right tokens and their
+argmaxes are the next drafts; otherwise the next step has none.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from adaptive.strategies import SelfSpeculative
+from distill.errors import UserError
+from distill.tokens import get_mtp_token_id
+
+
+@dataclass
+class GenerationResult:
+    prompt: str | None
+    token_ids: list[int]  # generated ids only, stop token included if emitted
+    text: str  # decoded generated text, cut at the first stop token (stop token not included)
+    accepted_per_step: list[int]  # tokens committed by each forward pass
+    forward_passes: int
+    tokens_per_forward: float  # len(token_ids) / forward_passes
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class StepTrace:
+    """One forward pass as each row saw it; passed to `MTPDecoder.on_step` (KV-protocol checks, debugging).
+
+    For row b, a plain causal forward over context_ids[b] + query_ids[b] with no cache must give `logits[b]` at the
+    last `logits[b].shape[0]` positions: that is the whole KV protocol in one sentence.
+    """
+
+    step: int
+    rows: list[int]  # indices into the batch given to `generate`
+    context_ids: list[list[int]]  # tokens whose KV was in the cache, in order
+    query_ids: list[list[int]]  # pending tokens + masks fed in this forward (pad columns left out)
+    logits: list[torch.Tensor]  # [n_read, V] at the last n_read query tokens (k_max; + drafts when self-speculative)
+
+
+@dataclass
+class _Row:
+    """Decoding state of one prompt. tokens = prompt + generated; KV exists for tokens[:position]."""
+
+    tokens: list[int]
+    pending: list[int]  # fed next forward: for Static/ConfAdapt the last accepted tokens, for SelfSpeculative [a]+drafts
+    drafts: int = 0  # how many trailing pending tokens are unverified drafts (SelfSpeculative only)
+    position: int = 0  # number of committed tokens = position of pending[0]
+    generated: list[int] = field(default_factory=list)
+    accepted_per_step: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    finished_at: float = 0.0
+
+
+class MTPDecoder:
+    def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, mask_token_id: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_token_id = int(mask_token_id) if mask_token_id is not None else get_mtp_token_id(model)
+        self.vocab_rows = model.get_input_embeddings().weight.shape[0]
+        if not 0 <= self.mask_token_id < self.vocab_rows:
+            raise UserError(f"<MTP> id {self.mask_token_id} is outside the model's embedding matrix ({self.vocab_rows} rows)")
+        if stop_token_ids is None:
+            stop_token_ids = _default_stop_ids(model, tokenizer)
+        self.stop_token_ids = [int(t) for t in dict.fromkeys(stop_token_ids)]
+        if self.mask_token_id in self.stop_token_ids:
+            raise UserError("the <MTP> mask id cannot also be a stop token")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_token_ids or [0])[0]
+        self.pad_token_id = int(pad)  # only fills attention-mask holes, so any valid id does
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Optional hook called with a StepTrace after every forward; None in normal use.
+        self.on_step: Callable[[StepTrace], None] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def generate(self, input_ids: list[list[int]], strategy, max_new_tokens: int = 256) -> list[GenerationResult]:
+        """Decode every row of `input_ids` (token ids, no padding, any lengths) as one batch."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        k_max = getattr(strategy, "k_max", None)
+        if not isinstance(k_max, int) or k_max < 1 or not hasattr(strategy, "name"):
+            raise UserError(f"not a decoding strategy: {strategy!r} (use adaptive.strategies.make_strategy)")
+        rows = [list(map(int, ids)) for ids in input_ids]
+        if not rows:
+            return []
+        for ids in rows:
+            if not ids:
+                raise UserError("cannot decode an empty prompt")
+            if min(ids) < 0 or max(ids) >= self.vocab_rows:
+                raise UserError(f"prompt token id outside the vocabulary [0, {self.vocab_rows})")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self._generate(rows, strategy, max_new_tokens)
+        finally:
+            self.model.train(was_training)
+
+    def generate_text(self, prompts: list[str], strategy, max_new_tokens: int = 256, chat_template: bool = True,
+                      batch_size: int = 16, progress: bool = False) -> list[GenerationResult]:
+        """Tokenize (as one user turn of the chat template, or as-is), decode in batches, return results in order."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encoded = [self._encode(p, chat_template) for p in prompts]
+        # Similar lengths in one batch waste fewer pad columns; results go back to the caller's order.
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc=f"generate {strategy.name}", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                for i, result in zip(chunk, self.generate([encoded[i] for i in chunk], strategy, max_new_tokens)):
+                    result.prompt = prompts[i]
+                    results[i] = result
+                bar.update(len(chunk))
+        return results
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _encode(self, prompt: str, chat_template: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            raise UserError(f"prompts must be strings, got {type(prompt).__name__}")
+        if chat_template:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise UserError("the tokenizer has no chat template; feed the text as-is (chat_template=False)")
+            messages = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise UserError("cannot decode an empty prompt")
+        return list(ids)
+
+    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int) -> list[GenerationResult]:
+        model, device = self.model, self.model.device
+        K = strategy.k_max - 1  # masks appended to every forward
+        speculative = isinstance(strategy, SelfSpeculative)
+        stops = set(self.stop_token_ids)
+        rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]
+        active = list(range(len(rows)))  # batch index -> row index; same order as the cache's batch dimension
+        cache = DynamicCache(config=model.config)
+        if any(cache.is_sliding) or any(cache.is_linear):
+            raise UserError("MTP decoding supports full-attention models only (this model has sliding/linear layers)")
+        attn = torch.zeros(len(rows), 0, dtype=torch.long, device=device)  # [B, cache columns], 1 = real committed KV
+        start = time.perf_counter()
+        prefill_seconds = 0.0
+        step = 0
+        while active:
+            # ---- build the step input: left-padded pending segment, then K masks in shared final columns ----------
+            L = max(len(rows[i].pending) for i in active)
+            verify = 1 + max(rows[i].drafts for i in active)  # positions whose logits each row may need besides masks
+            n_keep = verify + K
+            ids, pos, valid = [], [], []
+            for i in active:
+                r = rows[i]
+                pad = L - len(r.pending)
+                ids.append([self.pad_token_id] * pad + r.pending + [self.mask_token_id] * K)
+                pos.append([r.position] * pad + list(range(r.position, r.position + len(r.pending) + K)))
+                valid.append([0] * pad + [1] * (len(r.pending) + K))
+            ids_t = torch.tensor(ids, device=device)
+            pos_t = torch.tensor(pos, device=device)
+            valid_t = torch.tensor(valid, device=device)
+            kwargs = {"logits_to_keep": n_keep} if self._keeps_logits else {}
+            out = model(input_ids=ids_t, position_ids=pos_t, attention_mask=torch.cat([attn, valid_t], dim=1),
+                        past_key_values=cache, use_cache=True, **kwargs)
+            logits = out.logits[:, -n_keep:]
+            cache = out.past_key_values
+            if K:
+                cache.crop(-K)  # mask KV never persists (§4.1 step 2)
+            attn = torch.cat([attn, valid_t[:, :L]], dim=1)
+
+            if self.on_step is not None:
+                self.on_step(self._trace(step, active, rows, logits, K))
+
+            # ---- accept: per-row span from the strategy, or draft verification --------------------------------------
+            preds = logits.argmax(dim=-1).tolist()
+            counts = None if speculative else strategy.accept_counts(logits[:, -strategy.k_max :]).tolist()
+            now = time.perf_counter()
+            if step == 0:
+                prefill_seconds = now - start
+            for b, i in enumerate(active):
+                r = rows[i]
+                if speculative:
+                    nd = r.drafts
+                    greedy = preds[b][n_keep - K - 1 - nd : n_keep - K]  # g_1 .. g_{nd+1}
+                    drafts = r.pending[len(r.pending) - nd :]
+                    j = SelfSpeculative.verify(drafts, greedy)
+                    emitted = drafts[:j] + [greedy[j]]
+                    if nd - j:  # rejected drafts: their KV stays in the cache but nobody may attend to it
+                        attn[b, attn.shape[1] - (nd - j) :] = 0
+                    r.position += len(r.pending) - (nd - j)
+                    next_drafts = preds[b][n_keep - K :] if j == nd else []
+                    r.pending, r.drafts = [greedy[j]] + next_drafts, len(next_drafts)
+                else:
+                    emitted = preds[b][n_keep - strategy.k_max : n_keep - strategy.k_max + counts[b]]
+                    r.position += len(r.pending)
+                    r.pending = emitted
+                # never exceed the budget; stop at (and keep) the first stop token
+                emitted = emitted[: max_new_tokens - len(r.generated)]
+                cut = next((t + 1 for t, tok in enumerate(emitted) if tok in stops), None)
+                if cut is not None:
+                    emitted = emitted[:cut]
+                    r.finish_reason = "stop"
+                elif len(r.generated) + len(emitted) >= max_new_tokens:
+                    r.finish_reason = "length"
+                r.generated += emitted
+                r.tokens += emitted
+                r.accepted_per_step.append(len(emitted))
+                if r.finish_reason:
+                    r.finished_at = now
+            step += 1
+
+            # ---- finished rows leave the batch; columns nobody attends to any more are dropped ---------------------
+            keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None]
+            if len(keep) < len(active):
+                active = [active[b] for b in keep]
+                if not active:
+                    break
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attn = attn.index_select(0, index)
+                attn = _drop_unused_columns(cache, attn)
+
+        return [self._result(r, start + prefill_seconds, prefill_seconds) for r in rows]
+
+    def _trace(self, step: int, active: list[int], rows: list[_Row], logits: torch.Tensor, K: int) -> StepTrace:
+        n_keep = logits.shape[1]
+        return StepTrace(
+            step=step,
+            rows=list(active),
+            context_ids=[rows[i].tokens[: rows[i].position] for i in active],
+            query_ids=[rows[i].pending + [self.mask_token_id] * K for i in active],
+            logits=[logits[b, n_keep - (1 + rows[i].drafts + K) :].clone() for b, i in enumerate(active)],
+        )
+
+    def _result(self, r: _Row, decode_start: float, prefill_seconds: float) -> GenerationResult:
+        stops = set(self.stop_token_ids)
+        stop = next((t for t, tok in enumerate(r.generated) if tok in stops), len(r.generated))
+        forward_passes = len(r.accepted_per_step)
+        return GenerationResult(
+            prompt=None,
+            token_ids=list(r.generated),
+            text=self.tokenizer.decode(r.generated[:stop], skip_special_tokens=False),
+            accepted_per_step=list(r.accepted_per_step),
+            forward_passes=forward_passes,
+            tokens_per_forward=len(r.generated) / forward_passes if forward_passes else 0.0,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=max(r.finished_at - decode_start, 0.0),
+            finish_reason=r.finish_reason or "length",
+        )
+
+
+def _default_stop_ids(model, tokenizer) -> list[int]:
+    """Tokenizer EOS plus every EOS id of the generation config (chat models often list several)."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.extend(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return ids
+
+
+def _drop_unused_columns(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:
+    """Remove cache columns that no remaining row attends to (pad holes of rows that just left the batch)."""
+    used = attn.bool().any(dim=0)
+    if bool(used.all()) or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return attn
+    index = used.nonzero().squeeze(1)
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.numel():
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+    return attn.index_select(1, index)
