@@ -236,8 +236,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tau", type=float, help="confadapt threshold (default: the model's, else 0.9)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)  # on a shared CPU, fewer threads avoid OpenMP oversubscription
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     batch_sizes = _batch_sizes(args.batch_sizes)
