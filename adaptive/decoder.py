@@ -66,6 +66,7 @@ class StepTrace:
     context_ids: list[list[int]]  # tokens whose KV was in the cache, in order
     query_ids: list[list[int]]  # pending tokens + masks fed in this forward (pad columns left out)
     logits: list[torch.Tensor]  # [n_read, V] at the last n_read query tokens (k_max; + drafts when self-speculative)
+    cache_columns: int  # cache width before this forward: committed KV plus holes (pads, rejected drafts)
 
 
 @dataclass
@@ -189,6 +190,7 @@ class MTPDecoder:
             ids_t = torch.tensor(ids, device=device)
             pos_t = torch.tensor(pos, device=device)
             valid_t = torch.tensor(valid, device=device)
+            columns = attn.shape[1]
             kwargs = {"logits_to_keep": n_keep} if self._keeps_logits else {}
             out = model(input_ids=ids_t, position_ids=pos_t, attention_mask=torch.cat([attn, valid_t], dim=1),
                         past_key_values=cache, use_cache=True, **kwargs)
@@ -199,7 +201,7 @@ class MTPDecoder:
             attn = torch.cat([attn, valid_t[:, :L]], dim=1)
 
             if self.on_step is not None:
-                self.on_step(self._trace(step, active, rows, logits, K))
+                self.on_step(self._trace(step, active, rows, logits, K, columns))
 
             # ---- accept: per-row span from the strategy, or draft verification --------------------------------------
             preds = logits.argmax(dim=-1).tolist()
@@ -240,6 +242,7 @@ class MTPDecoder:
             step += 1
 
             # ---- finished rows leave the batch; columns nobody attends to any more are dropped ---------------------
+            # (holes shared by every remaining row: pads of rows that left, drafts rejected by a lone row)
             keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None]
             if len(keep) < len(active):
                 active = [active[b] for b in keep]
@@ -248,11 +251,12 @@ class MTPDecoder:
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 attn = attn.index_select(0, index)
-                attn = _drop_unused_columns(cache, attn)
+            attn = _drop_unused_columns(cache, attn)
 
         return [self._result(r, start + prefill_seconds, prefill_seconds) for r in rows]
 
-    def _trace(self, step: int, active: list[int], rows: list[_Row], logits: torch.Tensor, K: int) -> StepTrace:
+    def _trace(self, step: int, active: list[int], rows: list[_Row], logits: torch.Tensor, K: int,
+               columns: int) -> StepTrace:
         n_keep = logits.shape[1]
         return StepTrace(
             step=step,
@@ -260,6 +264,7 @@ class MTPDecoder:
             context_ids=[rows[i].tokens[: rows[i].position] for i in active],
             query_ids=[rows[i].pending + [self.mask_token_id] * K for i in active],
             logits=[logits[b, n_keep - (1 + rows[i].drafts + K) :].clone() for b, i in enumerate(active)],
+            cache_columns=columns,
         )
 
     def _result(self, r: _Row, decode_start: float, prefill_seconds: float) -> GenerationResult:
@@ -291,7 +296,7 @@ def _default_stop_ids(model, tokenizer) -> list[int]:
 
 
 def _drop_unused_columns(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:
-    """Remove cache columns that no remaining row attends to (pad holes of rows that just left the batch)."""
+    """Remove cache columns that no row attends to, so dead KV does not cost attention in every later step."""
     used = attn.bool().any(dim=0)
     if bool(used.all()) or not all(type(layer) is DynamicLayer for layer in cache.layers):
         return attn

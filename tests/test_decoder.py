@@ -168,6 +168,17 @@ def test_kv_protocol_matches_from_scratch(rig, prompts, name):
     assert check_against_from_scratch(model, traces) >= len(traces)
 
 
+def test_dead_kv_columns_are_dropped(rig, prompts):
+    # A lone self-speculative row: every rejected draft leaves a hole, which must not stay in the cache.
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer)
+    for prompt in prompts[:6]:
+        traces: list[StepTrace] = []
+        decoder.on_step = traces.append
+        decoder.generate([prompt], SelfSpeculative(4), max_new_tokens=N_NEW)
+        assert [t.cache_columns for t in traces] == [len(t.context_ids[0]) for t in traces]
+
+
 def test_max_new_tokens_is_never_exceeded(rig, prompts):
     model, tokenizer = rig
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=[])
