@@ -171,7 +171,10 @@ def prepare_datasets(args: MTPDistillConfig, tokenizer):
         train = train.select(range(min(args.max_train_samples, len(train))))
     if evaluation is not None and args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    tokenize = lambda d: format_and_tokenize(d, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)  # noqa: E731
+
+    def tokenize(ds):
+        return format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+
     return tokenize(train), (tokenize(evaluation) if evaluation is not None else None)
 
 
