@@ -80,8 +80,9 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+        # A full checkpoint has config.json; a LoRA checkpoint has adapter_config.json (plus the tokenizer).
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json or adapter_config.json)")
         return str(path)
     # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:

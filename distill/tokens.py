@@ -68,11 +68,14 @@ def add_mtp_token(model, tokenizer, seed: int = 0) -> int:
     if token_id >= old_rows:  # no free padded row: grow the matrix (mean_resizing off, we initialise ourselves)
         model.resize_token_embeddings(token_id + 1, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
         embed = model.get_input_embeddings()
+    # The padding rows a resize adds are never inputs, but with a tied head they are output logits: give them the
+    # same seeded initialisation so every load of the same checkpoint produces the same model.
+    new_rows = [token_id] + [r for r in range(old_rows, embed.weight.shape[0]) if r != token_id]
     generator = torch.Generator().manual_seed(seed)
-    _init_rows_from_stats(embed.weight.data, real_rows, [token_id], generator)
+    _init_rows_from_stats(embed.weight.data, real_rows, new_rows, generator)
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
-        _init_rows_from_stats(head.weight.data, real_rows, [token_id], generator)
+        _init_rows_from_stats(head.weight.data, real_rows, new_rows, generator)
 
     config.mtp_mask_token_id = token_id
     return token_id

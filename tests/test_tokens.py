@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from distill.models import load_model, load_tokenizer
@@ -52,3 +54,20 @@ def test_untied_head_row_initialised(tiny_model_dir):
     assert model.get_input_embeddings().weight.shape[0] == rows_before  # free row reused, no resize
     for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         assert w[token_id].abs().max() < 10
+
+
+def test_add_mtp_token_is_deterministic_including_padding_rows(tiny_model_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg)
+    weights = []
+    for _ in range(2):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1234 + len(weights))  # resize must not depend on the global RNG
+        add_mtp_token(model, tok)
+        weights.append(model.get_input_embeddings().weight.detach().clone())
+    assert weights[0].shape[0] > len(tok)  # padded to a multiple of 64: there are padding rows
+    assert torch.equal(weights[0], weights[1])
