@@ -4,7 +4,8 @@ KV protocol (§4.1). Per row, `committed` tokens have their KV in the cache; `pe
 and have no KV yet. One forward feeds  pending ⊕ (k_max−1)·<MTP>  at the true positions that follow the committed
 prefix, reads k_max logits (the last pending token, then every mask), and afterwards the mask KV is cropped away, so
 masks never persist: the pending tokens' KV is what the forward commits. The first forward is the same step with
-pending = the whole prompt (prefill).
+pending = the whole prompt (prefill); prompts of very different lengths are prefilled in separate groups and their
+caches stacked, so one long prompt does not make every short one pay for its padding.
 
 Batching (not in the reference code, §7.5; the authors' serving fork cannot batch variable k, §6.2). Rows accept a
 different number of tokens per step, so their pending segments have different lengths. Each step left-pads every
@@ -38,6 +39,10 @@ from transformers.cache_utils import DynamicLayer
 from adaptive.strategies import SelfSpeculative
 from distill.errors import UserError
 from distill.tokens import get_mtp_token_id
+
+# Prefill groups: a prompt joins the current group if it is at most this many times shorter than the group's longest,
+# which bounds left-padding waste at (ratio - 1) x the real prompt tokens.
+PREFILL_GROUP_RATIO = 1.5
 
 
 @dataclass
@@ -162,44 +167,21 @@ class MTPDecoder:
         return list(ids)
 
     def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int) -> list[GenerationResult]:
-        model, device = self.model, self.model.device
         K = strategy.k_max - 1  # masks appended to every forward
         speculative = isinstance(strategy, SelfSpeculative)
         stops = set(self.stop_token_ids)
         rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]
-        active = list(range(len(rows)))  # batch index -> row index; same order as the cache's batch dimension
-        cache = DynamicCache(config=model.config)
-        if any(cache.is_sliding) or any(cache.is_linear):
-            raise UserError("MTP decoding supports full-attention models only (this model has sliding/linear layers)")
-        attn = torch.zeros(len(rows), 0, dtype=torch.long, device=device)  # [B, cache columns], 1 = real committed KV
         start = time.perf_counter()
         prefill_seconds = 0.0
         step = 0
-        while active:
-            # ---- build the step input: left-padded pending segment, then K masks in shared final columns ----------
-            L = max(len(rows[i].pending) for i in active)
-            verify = 1 + max(rows[i].drafts for i in active)  # positions whose logits each row may need besides masks
-            n_keep = verify + K
-            ids, pos, valid = [], [], []
-            for i in active:
-                r = rows[i]
-                pad = L - len(r.pending)
-                ids.append([self.pad_token_id] * pad + r.pending + [self.mask_token_id] * K)
-                pos.append([r.position] * pad + list(range(r.position, r.position + len(r.pending) + K)))
-                valid.append([0] * pad + [1] * (len(r.pending) + K))
-            ids_t = torch.tensor(ids, device=device)
-            pos_t = torch.tensor(pos, device=device)
-            valid_t = torch.tensor(valid, device=device)
-            columns = attn.shape[1]
-            kwargs = {"logits_to_keep": n_keep} if self._keeps_logits else {}
-            out = model(input_ids=ids_t, position_ids=pos_t, attention_mask=torch.cat([attn, valid_t], dim=1),
-                        past_key_values=cache, use_cache=True, **kwargs)
-            logits = out.logits[:, -n_keep:]
-            cache = out.past_key_values
-            if K:
-                cache.crop(-K)  # mask KV never persists (§4.1 step 2)
-            attn = torch.cat([attn, valid_t[:, :L]], dim=1)
-
+        while True:
+            if step == 0:  # prefill (§4.1 step 1): prompt ⊕ K masks; fixes the batch order `active`
+                active, logits, cache, attn = self._prefill(rows, K)
+                columns = 0
+            else:
+                columns = attn.shape[1]
+                logits, cache, attn = self._forward(rows, active, cache, attn, K)
+            n_keep = logits.shape[1]
             if self.on_step is not None:
                 self.on_step(self._trace(step, active, rows, logits, K, columns))
 
@@ -248,12 +230,69 @@ class MTPDecoder:
                 active = [active[b] for b in keep]
                 if not active:
                     break
-                index = torch.tensor(keep, device=device)
+                index = torch.tensor(keep, device=attn.device)
                 cache.batch_select_indices(index)
                 attn = attn.index_select(0, index)
             attn = _drop_unused_columns(cache, attn)
 
         return [self._result(r, start + prefill_seconds, prefill_seconds) for r in rows]
+
+    def _forward(self, rows: list[_Row], active: list[int], cache, attn: torch.Tensor, K: int):
+        """One forward: each row's pending segment left-padded to the batch maximum L, then K masks in shared final
+        columns. Returns logits at the last n_keep columns, the cache with the mask KV cropped, and the grown mask."""
+        device = self.model.device
+        L = max(len(rows[i].pending) for i in active)
+        n_keep = 1 + max(rows[i].drafts for i in active) + K  # last pending token (+ drafts to verify) + masks
+        ids, pos, valid = [], [], []
+        for i in active:
+            r = rows[i]
+            pad = L - len(r.pending)
+            ids.append([self.pad_token_id] * pad + r.pending + [self.mask_token_id] * K)
+            pos.append([r.position] * pad + list(range(r.position, r.position + len(r.pending) + K)))
+            valid.append([0] * pad + [1] * (len(r.pending) + K))
+        valid_t = torch.tensor(valid, device=device)
+        kwargs = {"logits_to_keep": n_keep} if self._keeps_logits else {}
+        out = self.model(input_ids=torch.tensor(ids, device=device), position_ids=torch.tensor(pos, device=device),
+                         attention_mask=torch.cat([attn, valid_t], dim=1), past_key_values=cache, use_cache=True,
+                         **kwargs)
+        cache = out.past_key_values
+        if K:
+            cache.crop(-K)  # mask KV never persists (§4.1 step 2)
+        return out.logits[:, -n_keep:], cache, torch.cat([attn, valid_t[:, :L]], dim=1)
+
+    def _prefill(self, rows: list[_Row], K: int):
+        """First forward, in groups of similar prompt length: one long prompt must not make every short one pay for
+        its left padding (prefill is most of the work on CPU). The group caches are then left-padded to one width
+        (pad columns masked) and stacked into the batch cache. Returns (active, logits, cache, attn)."""
+        device = self.model.device
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].pending))
+        groups = [[order[0]]]
+        for i in order[1:]:
+            if len(rows[i].pending) * PREFILL_GROUP_RATIO >= len(rows[groups[-1][0]].pending):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        parts = []
+        for group in groups:
+            cache = DynamicCache(config=self.model.config)
+            if any(cache.is_sliding) or any(cache.is_linear):
+                raise UserError("MTP decoding supports full-attention models only (this model has sliding/linear layers)")
+            empty = torch.zeros(len(group), 0, dtype=torch.long, device=device)
+            parts.append(self._forward(rows, group, cache, empty, K))
+        if len(parts) == 1:
+            return order, *parts[0]
+        width = max(attn.shape[1] for _, _, attn in parts)
+        merged = DynamicCache(config=self.model.config)
+        for layer_idx in range(len(parts[0][1].layers)):
+            keys, values = [], []
+            for _, cache, attn in parts:
+                layer = cache.layers[layer_idx]
+                pad = (0, 0, width - attn.shape[1], 0)  # left-pad the sequence dimension of [B, H, S, D]
+                keys.append(torch.nn.functional.pad(layer.keys, pad))
+                values.append(torch.nn.functional.pad(layer.values, pad))
+            merged.update(torch.cat(keys), torch.cat(values), layer_idx)
+        attn = torch.cat([torch.nn.functional.pad(attn, (width - attn.shape[1], 0)) for _, _, attn in parts])
+        return order, torch.cat([logits for logits, _, _ in parts]), merged, attn
 
     def _trace(self, step: int, active: list[int], rows: list[_Row], logits: torch.Tensor, K: int,
                columns: int) -> StepTrace:

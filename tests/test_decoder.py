@@ -292,4 +292,6 @@ def test_static1_equals_hf_generate_smollm2(smol):
 @pytest.mark.slow
 def test_selfspec_equals_hf_generate_smollm2_untrained(smol):
     model, tokenizer, prompts, reference = smol
-    assert_matches_greedy(model, tokenizer, prompts, SelfSpeculative(4), SMOL_NEW, reference=reference)
+    results = assert_matches_greedy(model, tokenizer, prompts, SelfSpeculative(4), SMOL_NEW, reference=reference)
+    # even the untrained <MTP> guesses right now and then, so verified drafts are part of this check
+    assert max(n for r in results for n in r.accepted_per_step) > 1
