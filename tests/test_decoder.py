@@ -70,6 +70,16 @@ def check_against_from_scratch(model, traces: list[StepTrace], atol: float = 1e-
     return checked
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Decoding runs hundreds of small forwards; on a shared 2-core machine two OpenMP threads spin against other
+    processes (measured with other jobs running: 307 s with two threads, 93 s with one), so it runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fast fixtures: rigged tiny model, 16 mixed-length prompts, their greedy continuations
 # ---------------------------------------------------------------------------------------------------------------------
