@@ -79,7 +79,7 @@ class _Row:
     """Decoding state of one prompt. tokens = prompt + generated; KV exists for tokens[:position]."""
 
     tokens: list[int]
-    pending: list[int]  # fed next forward: for Static/ConfAdapt the last accepted tokens, for SelfSpeculative [a]+drafts
+    pending: list[int]  # fed next forward: Static/ConfAdapt the last accepted tokens, SelfSpeculative [a] + drafts
     drafts: int = 0  # how many trailing pending tokens are unverified drafts (SelfSpeculative only)
     position: int = 0  # number of committed tokens = position of pending[0]
     generated: list[int] = field(default_factory=list)
@@ -95,7 +95,7 @@ class MTPDecoder:
         self.mask_token_id = int(mask_token_id) if mask_token_id is not None else get_mtp_token_id(model)
         self.vocab_rows = model.get_input_embeddings().weight.shape[0]
         if not 0 <= self.mask_token_id < self.vocab_rows:
-            raise UserError(f"<MTP> id {self.mask_token_id} is outside the model's embedding matrix ({self.vocab_rows} rows)")
+            raise UserError(f"<MTP> id {self.mask_token_id} is outside the embedding matrix ({self.vocab_rows} rows)")
         if stop_token_ids is None:
             stop_token_ids = _default_stop_ids(model, tokenizer)
         self.stop_token_ids = [int(t) for t in dict.fromkeys(stop_token_ids)]
@@ -276,7 +276,7 @@ class MTPDecoder:
         for group in groups:
             cache = DynamicCache(config=self.model.config)
             if any(cache.is_sliding) or any(cache.is_linear):
-                raise UserError("MTP decoding supports full-attention models only (this model has sliding/linear layers)")
+                raise UserError("MTP decoding supports full-attention models only (this one has sliding/linear layers)")
             empty = torch.zeros(len(group), 0, dtype=torch.long, device=device)
             parts.append(self._forward(rows, group, cache, empty, K))
         if len(parts) == 1:

@@ -1,4 +1,4 @@
-"""MTPDecoder against oracles: HF greedy `generate`, single-row decoding, and from-scratch forwards (paper §4.1, §4.2).
+"""MTPDecoder against oracles: HF greedy `generate`, single-row decoding and from-scratch forwards (paper §4.1, §4.2).
 
 Fast tests use a "rigged" tiny random model: one output row (token BOOST) gets a large random direction, so greedy
 text, draft acceptance and ConfAdapt spans all vary (a plain random model never accepts a draft). The slow tests use
