@@ -55,7 +55,14 @@ def _parser():
             raise UserError(message)
 
     # allow_abbrev=False: `--learning_rat 1` must be an error, not a silent prefix match.
-    parser = Parser((ScriptArguments, MTPDistillConfig, ModelConfig), allow_abbrev=False)
+    parser = Parser(
+        (ScriptArguments, MTPDistillConfig, ModelConfig),
+        prog="mtp train",
+        usage="mtp train --config RECIPE.yaml [--key value ...]",
+        description="Distil a causal LM into a multi-token predictor. --config RECIPE.yaml supplies the defaults (see "
+        "recipes/); every option below overrides it; an unknown key or option is an error.",
+        allow_abbrev=False,
+    )
     parser.set_defaults(dataset_name=DEFAULT_DATASET)
     return parser
 

@@ -67,3 +67,28 @@ def gsm8k_path() -> Path:
     if not GSM8K_TRAIN.is_file():
         pytest.skip(f"{GSM8K_TRAIN} not found")
     return GSM8K_TRAIN
+
+
+# A short real distillation run, shared by the slow tests that need a trained MTP checkpoint (tests/test_train_smollm2.py;
+# decoding tests may reuse it). recipes/smollm2-cpu.yaml with the row shrunk to S=64, M=2 so 30 steps fit in about two
+# minutes on 2 idle cores; the held-out eval runs at step 0 and at step 30 on the same rows and (k, offset) draws.
+SMOLLM2_SHORT_RUN_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def trained_smollm2_dir(smollm2_dir, gsm8k_path, tmp_path_factory) -> str:
+    """Output dir of `mtp train` on SmolLM2 (30 steps): final model (plain HF, safetensors, <MTP>), checkpoint-30
+    (resumable), trainer_state.json whose log_history holds the eval at step 0 and at step 30."""
+    from distill.trainer_cli import main as train
+
+    out = tmp_path_factory.mktemp("trained-smollm2") / "run"
+    argv = [
+        "--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--output_dir", str(out),
+        "--max_steps", str(SMOLLM2_SHORT_RUN_STEPS), "--save_steps", str(SMOLLM2_SHORT_RUN_STEPS),
+        "--seq_len", "64", "--num_regions", "2", "--max_train_samples", "256",
+        "--eval_fraction", "0.02", "--max_eval_samples", "32", "--per_device_eval_batch_size", "8",
+        "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", str(SMOLLM2_SHORT_RUN_STEPS),
+        "--logging_steps", "1", "--disable_tqdm", "true",
+    ]
+    assert train(argv) == 0
+    return str(out)

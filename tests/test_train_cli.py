@@ -112,6 +112,13 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, recipe_text, flags, messa
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_help_lists_every_option_group(capsys):
+    assert trainer_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--k_max", "--teacher", "--dataset_name", "--use_peft", "--lora_r", "--learning_rate"):
+        assert flag in out
+
+
 def test_missing_config_file_is_an_error():
     with pytest.raises(UserError, match="not found"):
         trainer_cli.parse_args(["--config", "recipes/nope.yaml"])
