@@ -117,7 +117,7 @@ def _check_model_args(model_args) -> None:
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path is required (an alias such as smollm2-135m, a directory or a hub id)")
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise UserError("load_in_4bit / load_in_8bit are not supported (the teacher must see the same weights)")
+        raise UserError("load_in_4bit / load_in_8bit are not supported by mtp train (train in bf16 or fp32)")
     if model_args.dtype in (None, "auto"):
         raise UserError("dtype auto is not supported; name it: float32, bfloat16 or float16")
     if model_args.model_revision != "main":
