@@ -305,6 +305,10 @@ def demo_main(argv: list[str]) -> int:
         tokens = sum(len(r.token_ids) for r in results)
         forwards = sum(r.forward_passes for r in results)
         print(f"{label:<28} {tokens:>6} {forwards:>8} {tokens / max(forwards, 1):>7.2f} {tokens / seconds:>7.1f}")
+    conf_tokens = sum(len(r.token_ids) for r in conf)
+    if conf_tokens < 1.2 * sum(r.forward_passes for r in conf):
+        print(f"note: a short run's mask predictions are rarely >= {args.tau:g} confident, so ConfAdapt commits about "
+              "one token per forward; train longer (--steps 300) or lower --tau to see longer spans")
     print(f"\n{'#':>2}  {'gold':>8}  {'static(k=1)':>11}  {'confadapt':>9}  same answer?")
     for n, (g, a, b) in enumerate(zip(gold, base, conf), 1):
         x, y = final_answer(a.text), final_answer(b.text)
