@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from adaptive.cli import read_jsonl
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL
 
@@ -41,17 +42,10 @@ WARMUP_TOKENS = 4
 def held_out_questions(path: str | Path, n: int) -> list[str]:
     """The last n questions of a GSM8K-style JSON-lines file (the tail the demo's training never sees)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist (pass --dataset PATH.jsonl)")
     questions = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        text = next((row[k] for k in ("question", "query", "prompt") if isinstance(row.get(k), str)), None)
+    for lineno, row in read_jsonl(path, "prompt file (--dataset)"):
+        fields = row if isinstance(row, dict) else {}
+        text = next((fields[k] for k in ("question", "query", "prompt") if isinstance(fields.get(k), str)), None)
         if text is None:
             raise UserError(f'{path}:{lineno}: expected a "question", "query" or "prompt" string field')
         questions.append(text)

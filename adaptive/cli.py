@@ -109,20 +109,28 @@ def stop_ids(model, tokenizer) -> list[int]:
     return stop_token_ids(model, tokenizer)
 
 
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line; a missing file or a bad line is one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
 def read_prompts(prompts: list[str] | None, batch_file: str | None) -> list[str]:
     """--prompt values, then the prompts of a JSON-lines file ({"prompt": ...} per line; blank lines skipped)."""
     out = list(prompts or [])
     if batch_file:
         path = Path(batch_file)
-        if not path.is_file():
-            raise UserError(f"batch file {path} does not exist")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, row in read_jsonl(path, "batch file"):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise UserError(f'{path}:{lineno}: expected an object with a string "prompt" field')
             out.append(row["prompt"])

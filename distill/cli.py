@@ -38,9 +38,16 @@ def _usage() -> str:
 
 
 def _quiet_environment() -> None:
-    # DeepSpeed picks the CPU accelerator by itself but warns; wandb stays offline unless the user says otherwise.
+    # wandb stays offline unless the user says otherwise.
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # DeepSpeed (imported by transformers/accelerate) falls back to the CPU accelerator by itself but warns on every
+    # command; name it up front when there is no GPU.
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

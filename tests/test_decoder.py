@@ -305,3 +305,14 @@ def test_selfspec_equals_hf_generate_smollm2_untrained(smol):
     results = assert_matches_greedy(model, tokenizer, prompts, SelfSpeculative(4), SMOL_NEW, reference=reference)
     # even the untrained <MTP> guesses right now and then, so verified drafts are part of this check
     assert max(n for r in results for n in r.accepted_per_step) > 1
+
+
+@pytest.mark.slow
+def test_selfspec_equals_hf_generate_trained_checkpoint(trained_smollm2_dir):
+    """The same lossless check on a checkpoint written by `mtp train` (fixture: the 30-step SmolLM2 run)."""
+    model = load_model(trained_smollm2_dir)
+    tokenizer = load_tokenizer(trained_smollm2_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"] for p in SMOL_PROMPTS]
+    results = assert_matches_greedy(model, tokenizer, prompts, SelfSpeculative(8), SMOL_NEW)
+    assert max(n for r in results for n in r.accepted_per_step) > 1
