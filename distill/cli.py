@@ -5,7 +5,10 @@
     mtp export --model DIR --output DIR                             merge LoRA, write a plain HF directory
     mtp generate --model DIR|alias --prompt ...                     decode with static / confadapt / selfspec
     mtp bench-decode [--json]                                       tokens/s of each strategy vs HF baselines
-    mtp demo                                                        short distillation + adaptive decoding demo
+    mtp calibrate --model DIR                                       fit confidence calibration (saved beside the model)
+    mtp tune --model DIR --target-drop 0.02                         certified tau / k_max into the generation config
+    mtp evaluate --model DIR                                        GSM8K accuracy and speed of decoding strategies
+    mtp demo [--minutes 20]                                         distil, calibrate, tune and evaluate the default model
 
 Subcommand modules are imported lazily so `mtp --help` stays fast. A `UserError` anywhere becomes one
 `error: ...` line on stderr and exit status 2; nothing else is printed.
@@ -26,7 +29,10 @@ COMMANDS = {
     "export": ("distill.export", "main", "merge LoRA and save a plain safetensors HF directory"),
     "generate": ("adaptive.cli", "generate_main", "generate with static / confadapt / selfspec decoding"),
     "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup"),
-    "demo": ("adaptive.cli", "demo_main", "short distillation on the default model, then adaptive decoding"),
+    "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
+    "tune": ("adaptive.tuner", "main", "pick tau / k_max for a target accuracy drop, certified (Learn-then-Test)"),
+    "evaluate": ("adaptive.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
+    "demo": ("adaptive.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
 }
 
 

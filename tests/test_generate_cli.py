@@ -186,24 +186,3 @@ def test_exit_code_from_the_console_script(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: batch file {tmp_path / 'nope.jsonl'} does not exist"]
-
-
-def test_demo_never_touches_a_foreign_directory(tmp_path, capsys):
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep")
-    assert mtp_main(["demo", "--output-dir", str(foreign), "--steps", "1"]) == 2
-    assert "not created by `mtp demo`" in capsys.readouterr().err
-    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
-    assert mtp_main(["demo", "--output-dir", str(tmp_path / "d"), "--tau", "2"]) == 2  # checked before any work
-    assert not (tmp_path / "d").exists()
-
-
-@pytest.mark.parametrize("text, answer", [
-    ("so 5 + 3 = 8.\n#### 8", "8"), ("The answer is 1,234.", "1234"), ("It costs $18.00", "18"),
-    ("#### -3.5", "-3.5"), ("no digits", None), ("48/2 = 24 in May, 48+24 = 72 clips", "72"),
-])
-def test_final_answer(text, answer):
-    from adaptive.cli import final_answer
-
-    assert final_answer(text) == answer
