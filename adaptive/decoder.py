@@ -22,6 +22,12 @@ d_i gives g_{i+1}: the model's own greedy predictions. The longest prefix with d
 g_{j+1}, so the output is greedy decoding exactly. Only a and the accepted drafts keep their KV; rejected drafts
 become attention-mask holes. If every draft was accepted, the masks were conditioned on the right tokens and their
 argmaxes are the next drafts; otherwise the next step has none.
+
+Stop strings (lm-eval's `until`). After every step each row decodes only a short tail (the new tokens plus as many
+earlier tokens as the longest stop string has characters, and a little slack for multi-byte characters), so a stop
+string spread over several tokens is still found and the check costs microseconds. A row whose text now contains a
+stop string keeps its tokens up to and including the one that completes the first occurrence; its `text` ends just
+before the stop string.
 """
 
 from __future__ import annotations
@@ -43,13 +49,16 @@ from distill.tokens import get_mtp_token_id
 # Prefill groups: a prompt joins the current group if it is at most this many times shorter than the group's longest,
 # which bounds left-padding waste at (ratio - 1) x the real prompt tokens.
 PREFILL_GROUP_RATIO = 1.5
+# Stop-string search: tokens decoded before the new ones = longest stop string (characters) + this slack. A token
+# decodes to at least one character, except byte-fallback pieces of one multi-byte character.
+STOP_STRING_SLACK = 8
 
 
 @dataclass
 class GenerationResult:
     prompt: str | None
     token_ids: list[int]  # generated ids only, stop token included if emitted
-    text: str  # decoded generated text, cut at the first stop token (stop token not included)
+    text: str  # decoded generated text, cut at the first stop token or just before the first stop string
     accepted_per_step: list[int]  # tokens committed by each forward pass
     forward_passes: int
     tokens_per_forward: float  # len(token_ids) / forward_passes
@@ -108,13 +117,18 @@ class MTPDecoder:
         self.on_step: Callable[[StepTrace], None] | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
-    def generate(self, input_ids: list[list[int]], strategy, max_new_tokens: int = 256) -> list[GenerationResult]:
-        """Decode every row of `input_ids` (token ids, no padding, any lengths) as one batch."""
+    def generate(self, input_ids: list[list[int]], strategy, max_new_tokens: int = 256,
+                 stop_strings: list[str] | None = None) -> list[GenerationResult]:
+        """Decode every row of `input_ids` (token ids, no padding, any lengths) as one batch.
+
+        `stop_strings`: a row also finishes ("stop") once its generated text contains one of them (empty strings are
+        ignored, as lm-eval does)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         k_max = getattr(strategy, "k_max", None)
         if not isinstance(k_max, int) or k_max < 1 or not hasattr(strategy, "name"):
             raise UserError(f"not a decoding strategy: {strategy!r} (use adaptive.strategies.make_strategy)")
+        stop_strings = _check_stop_strings(stop_strings)
         rows = [list(map(int, ids)) for ids in input_ids]
         if not rows:
             return []
@@ -127,12 +141,13 @@ class MTPDecoder:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self._generate(rows, strategy, max_new_tokens)
+                return self._generate(rows, strategy, max_new_tokens, stop_strings)
         finally:
             self.model.train(was_training)
 
     def generate_text(self, prompts: list[str], strategy, max_new_tokens: int = 256, chat_template: bool = True,
-                      batch_size: int = 16, progress: bool = False) -> list[GenerationResult]:
+                      batch_size: int = 16, progress: bool = False,
+                      stop_strings: list[str] | None = None) -> list[GenerationResult]:
         """Tokenize (as one user turn of the chat template, or as-is), decode in batches, return results in order."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -145,7 +160,8 @@ class MTPDecoder:
         with tqdm(total=len(prompts), desc=f"generate {strategy.name}", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                for i, result in zip(chunk, self.generate([encoded[i] for i in chunk], strategy, max_new_tokens)):
+                batch = self.generate([encoded[i] for i in chunk], strategy, max_new_tokens, stop_strings)
+                for i, result in zip(chunk, batch):
                     result.prompt = prompts[i]
                     results[i] = result
                 bar.update(len(chunk))
@@ -166,7 +182,8 @@ class MTPDecoder:
             raise UserError("cannot decode an empty prompt")
         return list(ids)
 
-    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int) -> list[GenerationResult]:
+    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int,
+                  stop_strings: list[str]) -> list[GenerationResult]:
         K = strategy.k_max - 1  # masks appended to every forward
         speculative = isinstance(strategy, SelfSpeculative)
         stops = set(self.stop_token_ids)
@@ -211,6 +228,9 @@ class MTPDecoder:
                 # never exceed the budget; stop at (and keep) the first stop token
                 emitted = emitted[: max_new_tokens - len(r.generated)]
                 cut = next((t + 1 for t, tok in enumerate(emitted) if tok in stops), None)
+                if stop_strings:  # a stop string completed before any stop token ends the row there
+                    hit = self._stop_string_end(r.generated, emitted[:cut], stop_strings)
+                    cut = hit if hit is not None else cut
                 if cut is not None:
                     emitted = emitted[:cut]
                     r.finish_reason = "stop"
@@ -235,7 +255,7 @@ class MTPDecoder:
                 attn = attn.index_select(0, index)
             attn = _drop_unused_columns(cache, attn)
 
-        return [self._result(r, start + prefill_seconds, prefill_seconds) for r in rows]
+        return [self._result(r, start + prefill_seconds, prefill_seconds, stop_strings) for r in rows]
 
     def _forward(self, rows: list[_Row], active: list[int], cache, attn: torch.Tensor, K: int):
         """One forward: each row's pending segment left-padded to the batch maximum L, then K masks in shared final
@@ -306,14 +326,33 @@ class MTPDecoder:
             cache_columns=columns,
         )
 
-    def _result(self, r: _Row, decode_start: float, prefill_seconds: float) -> GenerationResult:
+    def _stop_string_end(self, generated: list[int], new: list[int], stop_strings: list[str]) -> int | None:
+        """How many of the `new` tokens to keep so the text ends with the token completing the first stop string;
+        None if no stop string occurs. Only a tail is decoded: earlier steps already found no stop string."""
+        if not new:
+            return None
+        lookback = max(map(len, stop_strings)) + STOP_STRING_SLACK
+        head = generated[max(len(generated) - lookback, 0) :]
+
+        def found(ids):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            return any(s in text for s in stop_strings)
+
+        if not found(head + new):
+            return None
+        return next((n for n in range(1, len(new)) if found(head + new[:n])), len(new))
+
+    def _result(self, r: _Row, decode_start: float, prefill_seconds: float,
+                stop_strings: list[str]) -> GenerationResult:
         stops = set(self.stop_token_ids)
         stop = next((t for t, tok in enumerate(r.generated) if tok in stops), len(r.generated))
+        text = self.tokenizer.decode(r.generated[:stop], skip_special_tokens=False)
+        cuts = [text.find(s) for s in stop_strings if s in text]
         forward_passes = len(r.accepted_per_step)
         return GenerationResult(
             prompt=None,
             token_ids=list(r.generated),
-            text=self.tokenizer.decode(r.generated[:stop], skip_special_tokens=False),
+            text=text[: min(cuts)] if cuts else text,
             accepted_per_step=list(r.accepted_per_step),
             forward_passes=forward_passes,
             tokens_per_forward=len(r.generated) / forward_passes if forward_passes else 0.0,
@@ -321,6 +360,17 @@ class MTPDecoder:
             decode_seconds=max(r.finished_at - decode_start, 0.0),
             finish_reason=r.finish_reason or "length",
         )
+
+
+def _check_stop_strings(stop_strings) -> list[str]:
+    """None, one string or a list of strings -> the distinct non-empty ones (lm-eval skips "" too)."""
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) for s in stop_strings):
+        raise UserError(f"stop_strings must be a list of strings, got {stop_strings!r}")
+    return [s for s in dict.fromkeys(stop_strings) if s]
 
 
 def _default_stop_ids(model, tokenizer) -> list[int]:

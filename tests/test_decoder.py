@@ -265,6 +265,103 @@ def test_restores_training_mode_and_rejects_bad_input(rig, tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Stop strings (lm-eval `until`): checked against a brute-force search over prefixes of the unstopped generation
+# ---------------------------------------------------------------------------------------------------------------------
+def first_stop(tokenizer, ids: list[int], stop_strings: list[str]) -> int | None:
+    """Oracle: the shortest prefix of `ids` whose decoded text contains a stop string (decodes every prefix)."""
+    for m in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:m], skip_special_tokens=False)
+        if any(s in text for s in stop_strings):
+            return m
+    return None
+
+
+def spanning_stop(tokenizer, ids: list[int], first: int, n_tokens: int) -> str:
+    """A stop string the model really produces: from the last 2 characters of ids[first] to the first 2 characters of
+    ids[first + n_tokens - 1], so it spans n_tokens tokens."""
+    pieces = [tokenizer.decode([t]) for t in ids[first : first + n_tokens]]
+    return pieces[0][-2:] + "".join(pieces[1:-1]) + pieces[-1][:2]
+
+
+@pytest.fixture(scope="module")
+def unstopped(rig, prompts):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=[])
+    return {name: decoder.generate(prompts, strategy, max_new_tokens=N_NEW) for name, strategy in STRATEGIES.items()}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_stop_string_ends_at_the_completing_token(rig, prompts, unstopped, name):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=[])
+    # rows whose generation has distinct, non-empty tokens to build a stop string from
+    rows = [i for i, r in enumerate(unstopped[name]) if len(set(r.token_ids[4:10])) >= 4][:3]
+    assert rows, "the rigged model should produce varied text"
+    for i in rows:
+        ids = unstopped[name][i].token_ids
+        full = tokenizer.decode(ids, skip_special_tokens=False)
+        for first, n_tokens in ((5, 2), (3, 5)):  # across one token boundary; across five tokens (and step boundaries)
+            stop = spanning_stop(tokenizer, ids, first, n_tokens)
+            m = first_stop(tokenizer, ids, [stop])
+            assert m is not None and m <= first + n_tokens
+            r = decoder.generate([prompts[i]], STRATEGIES[name], max_new_tokens=N_NEW, stop_strings=[stop])[0]
+            assert r.token_ids == ids[:m], f"row {i}: must keep tokens up to the one completing {stop!r}"
+            assert r.finish_reason == "stop" and sum(r.accepted_per_step) == m
+            assert r.text == full[: full.index(stop)], "text ends just before the first occurrence"
+            assert r.accepted_per_step[:-1] == unstopped[name][i].accepted_per_step[: len(r.accepted_per_step) - 1]
+
+
+def test_stop_strings_batched_equal_alone_and_earliest_stop_wins(rig, prompts, unstopped):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=[])
+    for name, strategy in STRATEGIES.items():
+        # stop strings from three rows' own text: those rows stop (at different steps), rows without them run on
+        varied = [i for i, r in enumerate(unstopped[name]) if len(set(r.token_ids)) >= 6][:3]
+        stops = [spanning_stop(tokenizer, unstopped[name][i].token_ids, first, 2)
+                 for i, first in zip(varied, (1, 4, 8))]
+        batched = decoder.generate(prompts, strategy, max_new_tokens=N_NEW, stop_strings=stops)
+        reasons = Counter(r.finish_reason for r in batched)
+        assert reasons["stop"] >= 3 and reasons["length"] >= 1, reasons
+        for i, prompt in enumerate(prompts):
+            alone = decoder.generate([prompt], strategy, max_new_tokens=N_NEW, stop_strings=stops)[0]
+            assert (batched[i].token_ids, batched[i].text, batched[i].finish_reason, batched[i].accepted_per_step) == (
+                alone.token_ids, alone.text, alone.finish_reason, alone.accepted_per_step), f"{name} row {i}"
+            free = unstopped[name][i].token_ids
+            m = first_stop(tokenizer, free, stops)
+            assert batched[i].token_ids == free[: m or N_NEW]
+    # a stop token before the stop string ends the row first; a stop string before the stop token wins
+    ids = unstopped["confadapt"][6].token_ids
+    stop = spanning_stop(tokenizer, ids, 3, 2)
+    m = first_stop(tokenizer, ids, [stop])
+    late = next(t for t in ids[m:] if t not in ids[:m])
+    assert ids[1] != ids[0] and m > 2
+    for stop_id, expected in ((ids[1], 2), (late, m)):
+        decoder = MTPDecoder(model, tokenizer, stop_token_ids=[stop_id])
+        r = decoder.generate([prompts[6]], STRATEGIES["confadapt"], max_new_tokens=N_NEW, stop_strings=[stop])[0]
+        assert r.token_ids == ids[:expected] and r.finish_reason == "stop"
+
+
+def test_stop_strings_text_and_input_forms(rig, prompts, unstopped):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=[])
+    ids = unstopped["static3"][7].token_ids
+    full = tokenizer.decode(ids)
+    late, early = spanning_stop(tokenizer, ids, 8, 2), spanning_stop(tokenizer, ids, 2, 2)
+    # text is cut before the earliest stop string, whichever order they are listed in; "" is ignored; one str is fine
+    for stops in ([late, early], [early, late, ""], early):
+        r = decoder.generate([prompts[7]], Static(3), N_NEW, stop_strings=stops)[0]
+        assert r.text == full[: full.index(early)] and r.token_ids == ids[: first_stop(tokenizer, ids, [early])]
+    assert decoder.generate([prompts[7]], Static(3), N_NEW, stop_strings=[""])[0].token_ids == ids
+    text = decoder.generate_text(["What is 12 + 7?"], Static(3), max_new_tokens=N_NEW)[0]
+    stop = text.text[len(text.text) // 2 :][:3]
+    cut = decoder.generate_text(["What is 12 + 7?"], Static(3), max_new_tokens=N_NEW, stop_strings=[stop])[0]
+    assert cut.text == text.text[: text.text.index(stop)] and cut.finish_reason == "stop"
+    for bad in ([3], "x".encode(), [None]):
+        with pytest.raises(UserError, match="stop_strings"):
+            decoder.generate([prompts[0]], Static(1), 2, stop_strings=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Slow: SmolLM2-135M-Instruct (+ untrained <MTP>) against HF greedy on 20 chat prompts
 # ---------------------------------------------------------------------------------------------------------------------
 SMOL_NEW = 16
