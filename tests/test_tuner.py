@@ -1,0 +1,406 @@
+"""`mtp tune`: the Learn-then-Test statistics on synthetic sweeps, the lazy sweep, the outputs and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import binom
+
+from adaptive.tuner import (
+    binomial_pvalue,
+    fixed_sequence,
+    min_certifiable_n,
+    pareto_plot,
+    select,
+    sweep,
+    ordered_sequences,
+    write_decoding_defaults,
+)
+from distill.errors import UserError
+
+DELTA = 0.05
+REPS = 2000
+# Monte-Carlo slack for a frequency estimated from REPS repetitions: 3 standard errors at p = delta.
+SLACK = 3 * math.sqrt(DELTA * (1 - DELTA) / REPS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# p-values and fixed-sequence testing
+
+
+def test_binomial_pvalue_hand_values_and_scipy():
+    assert binomial_pvalue(0, 10, 0.2) == pytest.approx(0.8 ** 10)
+    assert binomial_pvalue(1, 10, 0.2) == pytest.approx(0.8 ** 10 + 10 * 0.2 * 0.8 ** 9)
+    assert binomial_pvalue(10, 10, 0.2) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 500))
+        b = int(rng.integers(0, n + 1))
+        t = float(rng.uniform(0.001, 0.5))
+        assert binomial_pvalue(b, n, t) == pytest.approx(binom.cdf(b, n, t), rel=1e-12, abs=1e-300)
+    # More regressions is never more evidence of safety.
+    assert all(binomial_pvalue(b, 200, 0.05) < binomial_pvalue(b + 1, 200, 0.05) for b in range(30))
+    with pytest.raises(ValueError):
+        binomial_pvalue(11, 10, 0.2)
+
+
+def test_fixed_sequence_stops_at_first_failure():
+    assert fixed_sequence([0.001, 0.04, 0.2, 0.001], 0.05) == [True, True, False, False]
+    assert fixed_sequence([0.5, 0.001], 0.05) == [False, False]
+    assert fixed_sequence([], 0.05) == []
+
+
+def test_min_certifiable_n():
+    level = 0.05 / 3
+    n = min_certifiable_n(0.02, level)
+    assert n == 203
+    assert (1 - 0.02) ** n <= level < (1 - 0.02) ** (n - 1)
+    assert binomial_pvalue(0, n, 0.02) <= level < binomial_pvalue(0, n - 1, 0.02)
+
+
+def test_sequences_are_conservative_first_per_k_max():
+    assert ordered_sequences([0.6, 0.995, 0.9], [8, 4]) == [(8, [0.995, 0.9, 0.6]), (4, [0.995, 0.9, 0.6])]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# select(): rules on hand-made settings
+
+
+def _setting(tau, k_max, correct, tpf, tps=10.0):
+    return {"tau": tau, "k_max": k_max, "correct": list(correct), "tokens_per_forward_mean": tpf,
+            "tokens_per_forward_std": 0.1, "tokens_per_second": tps}
+
+
+def _flip(reference, count):
+    """The reference with its first `count` correct answers turned wrong (`count` regressions, no improvements)."""
+    out, left = list(reference), count
+    for i, ok in enumerate(out):
+        if ok and left:
+            out[i], left = False, left - 1
+    return out
+
+
+def test_select_fastest_certified_and_ties_go_to_accuracy():
+    ref = [True] * 150 + [False] * 50
+    improved = list(ref)
+    improved[150] = True  # one improvement, no regression: certified, more accurate
+    settings = [
+        _setting(0.99, 4, ref, 1.5),
+        _setting(0.9, 4, ref, 2.0),  # certified, 2.0 tokens/forward, accuracy 0.75
+        _setting(0.8, 4, _flip(ref, 40), 3.0),  # fails: fastest seen but not certified
+        _setting(0.99, 8, ref, 1.6),
+        _setting(0.9, 8, improved, 2.0),  # certified, same speed, more accurate -> the choice
+    ]
+    out = select(ref, settings, target=0.05, delta=0.05)
+    assert out["level"] == pytest.approx(0.025) and out["n_sequences"] == 2
+    by_key = {(s["tau"], s["k_max"]): s for s in out["settings"]}
+    assert [by_key[(t, 4)]["certified"] for t in (0.99, 0.9, 0.8)] == [True, True, False]
+    assert by_key[(0.8, 4)]["regressions"] == 40 and by_key[(0.8, 4)]["drop"] == pytest.approx(0.2)
+    assert by_key[(0.9, 8)]["improvements"] == 1 and by_key[(0.9, 8)]["drop"] == pytest.approx(-1 / 200)
+    choice = out["choice"]
+    assert (choice["strategy"], choice["tau"], choice["k_max"], choice["certified"]) == ("confadapt", 0.9, 8, True)
+    assert choice["rule"] == "fastest-certified"
+    assert "correct" not in choice["setting"]
+
+
+def test_select_wallclock_speed_changes_the_choice():
+    ref = [True] * 150 + [False] * 50
+    settings = [_setting(0.99, 4, ref, 1.5, tps=30.0), _setting(0.95, 4, ref, 2.0, tps=20.0)]
+    assert select(ref, settings, target=0.05, speed="tokens")["choice"]["tau"] == 0.95
+    assert select(ref, settings, target=0.05, speed="wallclock")["choice"]["tau"] == 0.99
+
+
+def test_select_min_speed_picks_most_accurate_fast_enough():
+    ref = [True] * 150 + [False] * 50
+    settings = [
+        _setting(0.99, 8, ref, 1.8),
+        _setting(0.9, 8, _flip(ref, 30), 3.2),  # fails the test; then every later tau is untested
+        _setting(0.8, 8, _flip(ref, 20), 3.5),  # most accurate with >= 3 tokens/forward
+        _setting(0.7, 8, _flip(ref, 60), 4.5),
+    ]
+    out = select(ref, settings, target=0.02, min_speed=3.0)
+    choice = out["choice"]
+    assert (choice["rule"], choice["tau"], choice["k_max"], choice["certified"]) == ("min-speed", 0.8, 8, False)
+    assert all(s["p_value"] is not None for s in out["settings"])  # reported anyway
+    assert [s["tested"] for s in out["settings"]] == [True, True, False, False]
+    with pytest.raises(UserError, match=r"--min-speed 5 .*fastest seen is 4\.50"):
+        select(ref, settings, target=0.02, min_speed=5.0)
+
+
+def test_select_falls_back_to_selfspec_when_nothing_is_certified():
+    ref = [True] * 30 + [False] * 10
+    settings = [_setting(0.99, k, _flip(ref, 5), 2.0) for k in (4, 8, 16)]
+    out = select(ref, settings, target=0.02, delta=0.05)
+    choice = out["choice"]
+    assert (choice["strategy"], choice["tau"], choice["k_max"], choice["certified"]) == ("selfspec", None, 8, False)
+    assert choice["rule"] == "fallback" and choice["setting"] is None
+    assert "needs n >= 203" in choice["reason"]  # n=40 can never certify target 0.02 at delta/3
+    assert not any(s["certified"] for s in out["settings"])
+
+
+@pytest.mark.parametrize("kwargs", [{"target": 0.0}, {"target": 1.0}, {"target": 0.02, "delta": 0.0},
+                                    {"target": 0.02, "delta": 1.5}, {"target": 0.02, "speed": "fast"}])
+def test_select_rejects_bad_levels(kwargs):
+    ref = [True, False]
+    with pytest.raises(UserError):
+        select(ref, [_setting(0.9, 4, ref, 2.0)], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Repeated simulation: the guarantee, the choice, and power
+
+
+def _simulate(rng, reps, n, ref_acc, sequences):
+    """Per-problem correctness for the reference and every setting, over `reps` independent calibration draws.
+
+    sequences: {k_max: [(tau, regression_rate, improvement_rate, tokens_per_forward), ...]}, where the regression
+    rate is E[l] = P(reference right and setting wrong) and the improvement rate P(reference wrong and setting right).
+    Each setting's answers are drawn independently given the reference (the worst case for multiplicity).
+    Returns (reference [reps, n], [(setting template, correct [reps, n], true drop)]).
+    """
+    ref = rng.random((reps, n)) < ref_acc
+    out = []
+    for k_max, rows in sequences.items():
+        for tau, regress, improve, tpf in rows:
+            u = rng.random((reps, n))
+            correct = np.where(ref, u >= regress / ref_acc, u < improve / (1 - ref_acc))
+            template = {"tau": tau, "k_max": k_max, "tokens_per_forward_mean": tpf, "tokens_per_forward_std": 0.0,
+                        "tokens_per_second": 10.0 * tpf}
+            out.append((template, correct, regress - improve))
+    return ref, out
+
+
+def _sharp_target(n: int, level: float, b: int) -> float:
+    """The target at which P(Bin(n, target) <= b) == level: the binomial test then has size ~level, not less, so a
+    setting just above the target is certified as often as the guarantee allows (no discreteness slack)."""
+    return brentq(lambda t: binom.cdf(b, n, t) - level, 1e-6, 0.5)
+
+
+def _run(ref, sims, target, rep, **kwargs):
+    settings = [{**template, "correct": correct[rep]} for template, correct, _ in sims]
+    return select(ref[rep], settings, target=target, delta=DELTA, **kwargs)
+
+
+def _bad_certified(out, sims, target):
+    drops = {(t["tau"], t["k_max"]): drop for t, _, drop in sims}
+    return any(s["certified"] and drops[(s["tau"], s["k_max"])] > target for s in out["settings"])
+
+
+def test_simulated_false_certification_rate_is_at_most_delta():
+    n, rng = 200, np.random.default_rng(1)
+    target = _sharp_target(n, DELTA, 4)
+    # One k_max sequence, monotone regression rates: four clearly safe taus, then three just above the target
+    # (no improvements, so the true drop equals the regression rate: the test's hardest case), then a bad one.
+    rates = [0.0, 0.001, 0.002, 0.004, target + 0.0005, target + 0.001, target + 0.0015, 0.15]
+    taus = [0.995, 0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.6]
+    rows = [(tau, r, 0.0, 1 + i * 0.5) for i, (tau, r) in enumerate(zip(taus, rates))]
+    ref, sims = _simulate(rng, REPS, n, 0.6, {8: rows})
+    bad = chosen_fastest = 0
+    for rep in range(REPS):
+        out = _run(ref, sims, target, rep)
+        bad += _bad_certified(out, sims, target)
+        certified = [s for s in out["settings"] if s["certified"]]
+        if certified:
+            chosen_fastest += out["choice"]["setting"]["tokens_per_forward_mean"] == max(
+                s["tokens_per_forward_mean"] for s in certified)
+        else:
+            chosen_fastest += out["choice"]["strategy"] == "selfspec" and not out["choice"]["certified"]
+    rate = bad / REPS
+    print(f"single sequence: target {target:.4f}, observed false certification {rate:.4f} (delta {DELTA})")
+    assert rate <= DELTA + SLACK
+    assert rate > DELTA / 4  # the simulation is sharp: the bound is nearly attained, so a broken rule would show
+    assert chosen_fastest == REPS
+
+    # Negative control: testing every tau on its own (no fixed sequence) breaks the bound on the same draws.
+    naive = 0
+    for rep in range(REPS):
+        for template, correct, drop in sims:
+            b = int(np.count_nonzero(ref[rep] & ~correct[rep]))
+            if drop > target and binomial_pvalue(b, n, target) <= DELTA:
+                naive += 1
+                break
+    print(f"single sequence: per-tau testing without the fixed sequence: {naive / REPS:.4f}")
+    assert naive / REPS > DELTA + SLACK
+
+
+def test_simulated_bonferroni_over_k_max_sequences():
+    n, m, rng = 200, 3, np.random.default_rng(2)
+    target = _sharp_target(n, DELTA / m, 3)
+    sequences = {}
+    for j, k in enumerate((4, 8, 16)):
+        rates = [0.0, 0.001, 0.002, target + 0.0005, target + 0.001, 0.12]
+        # improvements on the safe taus only: the drop there is below the regression rate (charged conservatively)
+        sequences[k] = [(tau, r, 0.01 if r < target else 0.0, (1 + i * 0.5) * (1 + 0.2 * j))
+                        for i, (tau, r) in enumerate(zip([0.995, 0.99, 0.95, 0.9, 0.8, 0.6], rates))]
+    ref, sims = _simulate(rng, REPS, n, 0.6, sequences)
+    bad = naive = wrong_choice = 0
+    for rep in range(REPS):
+        out = _run(ref, sims, target, rep, n_sequences=m)
+        bad += _bad_certified(out, sims, target)
+        certified = [s for s in out["settings"] if s["certified"]]
+        if certified:
+            best = max(s["tokens_per_forward_mean"] for s in certified)
+            wrong_choice += out["choice"]["setting"]["tokens_per_forward_mean"] != best
+        # Negative control: each k_max sequence tested at the full delta (no Bonferroni), union of certified sets.
+        naive += any(_bad_certified(_run(ref, [s for s in sims if s[0]["k_max"] == k], target, rep), sims, target)
+                     for k in sequences)
+    print(f"{m} sequences: target {target:.4f}, observed false certification {bad / REPS:.4f} (delta {DELTA}); "
+          f"without Bonferroni {naive / REPS:.4f}")
+    assert bad / REPS <= DELTA + SLACK
+    assert naive / REPS > DELTA + SLACK
+    assert wrong_choice == 0
+
+
+def test_simulated_power_with_generous_n():
+    n, reps, target, rng = 2000, 200, 0.05, np.random.default_rng(3)
+    taus = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6]
+    rates = [0.002, 0.005, 0.01, 0.02, 0.1, 0.2]  # 0.8 is the fastest truly safe tau (regression rate 0.02 < 0.05)
+    rows = [(tau, r, 0.005, 1 + i) for i, (tau, r) in enumerate(zip(taus, rates))]
+    ref, sims = _simulate(rng, reps, n, 0.7, {4: rows, 16: rows})
+    hits = 0
+    for rep in range(reps):
+        choice = _run(ref, sims, target, rep)["choice"]
+        hits += choice["certified"] and choice["tau"] == 0.8
+    print(f"power: fastest safe tau chosen in {hits / reps:.3f} of {reps} draws at n={n}")
+    assert hits / reps >= 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sweep(): lazy evaluation in testing order
+
+
+class FakeEvaluator:
+    """evaluate_setting(tau, k_max) from a table of regression counts; records every call."""
+
+    def __init__(self, reference, regressions):
+        self.reference, self.regressions, self.calls = reference, regressions, []
+
+    def __call__(self, tau, k_max):
+        self.calls.append((tau, k_max))
+        correct = _flip(self.reference, self.regressions[(tau, k_max)])
+        tpf = 1 + (1 - tau) * 10 + k_max / 100
+        return SimpleNamespace(correct=correct, accuracy=float(np.mean(correct)), tokens_per_forward_mean=tpf,
+                               tokens_per_forward_std=0.5, tokens_per_second=20 * tpf)
+
+
+def test_sweep_stops_a_sequence_at_its_first_failure():
+    ref = [True] * 300 + [False] * 100
+    taus = [0.6, 0.9, 0.99, 0.95, 0.8]  # any order: tested from conservative to aggressive
+    # k_max 4: fails at 0.9 (20 regressions of 400 at target 0.02 is p ~ 0.6); k_max 8: fails at the first tau.
+    regressions = {(t, 4): {0.99: 0, 0.95: 1, 0.9: 20, 0.8: 0, 0.6: 0}[t] for t in taus}
+    regressions.update({(t, 8): 30 for t in taus})
+    fake = FakeEvaluator(ref, regressions)
+    settings = sweep(fake, taus, [4, 8], reference=ref, target=0.02, delta=0.05)
+    assert fake.calls == [(0.99, 4), (0.95, 4), (0.9, 4), (0.99, 8)]
+    assert [(s["tau"], s["k_max"]) for s in settings] == fake.calls
+    lazy = select(ref, settings, target=0.02, delta=0.05, n_sequences=2)
+
+    full_fake = FakeEvaluator(ref, regressions)
+    full = sweep(full_fake, taus, [4, 8], reference=ref, target=0.02, delta=0.05, full=True)
+    assert len(full_fake.calls) == 10
+    eager = select(ref, full, target=0.02, delta=0.05, n_sequences=2)
+    # Same certified set and the same choice: the skipped taus could never have been certified (0.8 and 0.6 at
+    # k_max 4 have zero regressions but sit behind the failure at 0.9).
+    certified = lambda out: {(s["tau"], s["k_max"]) for s in out["settings"] if s["certified"]}  # noqa: E731
+    assert certified(lazy) == certified(eager) == {(0.99, 4), (0.95, 4)}
+    assert lazy["choice"] == {**eager["choice"], "setting": lazy["choice"]["setting"]}
+    assert lazy["choice"]["tau"] == 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_pareto_plot_writes_a_png(tmp_path):
+    import matplotlib.image
+
+    ref = [True] * 150 + [False] * 50
+    settings = [_setting(t, k, _flip(ref, r), 1 + (1 - t) * 8 * k / 8, tps=15 + 10 * (1 - t))
+                for k in (4, 8) for t, r in ((0.99, 0), (0.9, 2), (0.7, 20))]
+    out = select(ref, settings, target=0.05)
+    reference = {"accuracy": 0.75, "tokens_per_forward_mean": 1.0, "tokens_per_second": 12.0}
+    path = pareto_plot(tmp_path / "pareto.png", out["settings"], reference, choice=out["choice"], target=0.05)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > 1000 and height > 400
+    assert [p.name for p in tmp_path.iterdir()] == ["pareto.png"]  # no temp file left behind
+
+
+def _model_copy(tiny_model_dir, tmp_path) -> Path:
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    return out
+
+
+def test_write_decoding_defaults_round_trip(tiny_model_dir, tmp_path):
+    from adaptive.cli import mtp_defaults
+
+    model = _model_copy(tiny_model_dir, tmp_path)
+    before = json.loads((model / "generation_config.json").read_text())
+    write_decoding_defaults(model, "confadapt", 8, 0.95)
+    assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": 8, "tau": 0.95}
+    after = json.loads((model / "generation_config.json").read_text())
+    assert after["eos_token_id"] == before["eos_token_id"] and after["pad_token_id"] == before["pad_token_id"]
+    write_decoding_defaults(model, "selfspec", 4, None)
+    assert json.loads((model / "generation_config.json").read_text())["mtp_tau"] is None
+    assert mtp_defaults(str(model))["strategy"] == "selfspec" and mtp_defaults(str(model))["k_max"] == 4
+    assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_write_decoding_defaults_leaves_the_file_alone_on_error(tiny_model_dir, tmp_path):
+    model = _model_copy(tiny_model_dir, tmp_path)
+    config = model / "generation_config.json"
+    original = config.read_bytes()
+    for bad in (("confadapt", 8, 1.5), ("confadapt", 0, 0.9), ("static", 4, None), ("nonsense", 4, 0.9)):
+        with pytest.raises(UserError):
+            write_decoding_defaults(model, *bad)
+        assert config.read_bytes() == original
+    config.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        write_decoding_defaults(model, "confadapt", 8, 0.9)
+    assert config.read_text() == "{not json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-drop", "0"], "--target-drop must be in (0, 1)"),
+    (["--target-drop", "1.5"], "--target-drop must be in (0, 1)"),
+    (["--target-drop", "0.02", "--delta", "0"], "--delta must be in (0, 1)"),
+    (["--target-drop", "0.02", "--taus", "0.9,abc"], "--taus: 'abc' is not a number"),
+    (["--target-drop", "0.02", "--taus", "0.9,1.2"], "every tau must be in (0, 1]"),
+    (["--target-drop", "0.02", "--taus", "0.9,0.9"], "lists a value twice"),
+    (["--target-drop", "0.02", "--k-max", "4,0"], "every k_max must be in [1, 64]"),
+    (["--target-drop", "0.02", "--k-max", "65"], "every k_max must be in [1, 64]"),
+    (["--target-drop", "0.02", "--n", "0"], "--n must be >= 1"),
+    (["--target-drop", "0.02", "--min-speed", "-1"], "--min-speed must be > 0"),
+    (["--target-drop", "0.02", "--speed", "fast"], "invalid choice"),
+    ([], "--target-drop"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, flags, message):
+    from distill.cli import main
+
+    model = _model_copy(tiny_model_dir, tmp_path)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert main(["tune", "--model", str(model), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert not (model / "tune").exists()
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["tune", "--model", str(tmp_path / "nope"), "--target-drop", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a directory" in err
