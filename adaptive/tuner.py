@@ -62,9 +62,9 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -227,7 +227,7 @@ def _setting_fields(report, tau: float, k_max: int) -> dict:
     for key in ("accuracy", "stderr", "agreement", "tokens_per_forward_mean", "tokens_per_forward_std",
                 "tokens_per_second", "tokens", "forwards", "seconds"):
         value = getattr(report, key, None)
-        fields[key] = None if value is None else float(value)
+        fields[key] = value if value is None or isinstance(value, int) else float(value)
     return fields
 
 
@@ -388,7 +388,7 @@ def format_table(selection: dict) -> str:
               f"{'certified':>9} {'tok/fwd':>12} {'tok/s':>8}")
     lines = [header, "-" * len(header)]
     for s in selection["settings"]:
-        status = "yes" if s["certified"] else ("no" if s["tested"] else "(untested)")
+        status = "yes" if s["certified"] else ("no" if s["tested"] else "untested")
         tpf = f"{s['tokens_per_forward_mean']:.2f}±{s.get('tokens_per_forward_std') or 0:.2f}"
         tps = "-" if s.get("tokens_per_second") is None else f"{s['tokens_per_second']:.1f}"
         lines.append(f"{s['k_max']:>5} {s['tau']:>6g} {s['accuracy']:>8.3f} {s['drop']:>+7.3f} {s['regressions']:>5} "
@@ -459,6 +459,18 @@ def _calibration_problems(args) -> tuple[list[dict], int]:
     return problems, start
 
 
+def _load_calibrator(model_path: str):
+    """The calibrator `mtp calibrate` saved beside the model, or None: tau is tuned on the same confidence scale
+    `mtp generate` will gate on."""
+    import importlib.util
+
+    if importlib.util.find_spec("adaptive.calibration") is None:
+        return None
+    from adaptive.calibration import load_calibrator
+
+    return load_calibrator(model_path)
+
+
 def _reference_fields(report) -> dict:
     out = _setting_fields(report, 1.0, 1)
     for key in ("tau", "k_max", "correct"):
@@ -504,10 +516,11 @@ def main(argv: list[str]) -> int:
     if not model_dir.is_dir() and not (args.no_write and args.report_dir):
         raise UserError(f"--model {args.model} is not a directory; pass a model directory (the tuned defaults are "
                         "written into its generation config), or --no-write with --report-dir")
-    if not args.no_write:
+    if model_dir.is_dir():
         from distill.models import resolve_model_path
 
         resolve_model_path(str(model_dir))  # UserError unless it is a model directory
+    if not args.no_write:
         _read_generation_config(model_dir)  # a corrupt file fails now, not after the sweep
     report_dir = Path(args.report_dir).expanduser() if args.report_dir else model_dir / "tune"
     if report_dir.exists() and not report_dir.is_dir():
@@ -520,7 +533,6 @@ def main(argv: list[str]) -> int:
               "--k-max values. Running anyway; expect the lossless fallback.", file=sys.stderr)
     problems, start = _calibration_problems(args)
 
-    from adaptive.calibration import load_calibrator
     from adaptive.cli import load_mtp_model, stop_ids
     from adaptive.decoder import MTPDecoder
     from adaptive.evaluate import run_eval
@@ -528,9 +540,9 @@ def main(argv: list[str]) -> int:
     from distill.models import resolve_model_path
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
-    calibrator = load_calibrator(resolve_model_path(args.model))
+    calibrator = _load_calibrator(resolve_model_path(args.model))
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
-    common = dict(prompt_format=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    common = {"prompt_format": args.format, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     # Warm-up (first forwards allocate and pick kernels) so the reference's wall-clock is not charged for it.
     run_eval(decoder, problems[:1], Static(1), **{**common, "max_new_tokens": min(4, args.max_new_tokens)},
              progress=False)
@@ -547,8 +559,11 @@ def main(argv: list[str]) -> int:
     selection = select(reference.correct, settings, target=args.target_drop, delta=args.delta,
                        n_sequences=len(k_maxes), min_speed=args.min_speed, speed=args.speed)
     choice = selection["choice"]
-    evaluated = {(s["tau"], s["k_max"]) for s in settings}
+    evaluated = {(s["tau"], s["k_max"]): s for s in settings}
     ref_fields = _reference_fields(reference)
+    # Per-problem correctness as "0"/"1" strings, so anyone can recompute every count and p-value from the report.
+    def bits(correct) -> str:
+        return "".join("1" if ok else "0" for ok in correct)
 
     report = {
         "model": str(args.model), "dataset": str(args.dataset), "split": args.split, "start": start,
@@ -560,8 +575,9 @@ def main(argv: list[str]) -> int:
                   "per setting, fixed-sequence testing per k_max from conservative to aggressive tau at level "
                   "delta / n_sequences; improvements are not credited (conservative); drop = (b - c) / n",
         "min_certifiable_n": selection["min_certifiable_n"],
-        "reference": ref_fields,
-        "settings": selection["settings"],
+        "reference": {**ref_fields, "correct": bits(reference.correct)},
+        "settings": [{**s, "correct": bits(evaluated[(s["tau"], s["k_max"])]["correct"])}
+                     for s in selection["settings"]],
         "not_evaluated": [{"tau": t, "k_max": k} for k, seq in ordered_sequences(taus, k_maxes) for t in seq
                           if (t, k) not in evaluated],
         "certified": choice["certified"],

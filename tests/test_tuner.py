@@ -17,10 +17,10 @@ from adaptive.tuner import (
     binomial_pvalue,
     fixed_sequence,
     min_certifiable_n,
+    ordered_sequences,
     pareto_plot,
     select,
     sweep,
-    ordered_sequences,
     write_decoding_defaults,
 )
 from distill.errors import UserError
@@ -308,7 +308,9 @@ def test_sweep_stops_a_sequence_at_its_first_failure():
     eager = select(ref, full, target=0.02, delta=0.05, n_sequences=2)
     # Same certified set and the same choice: the skipped taus could never have been certified (0.8 and 0.6 at
     # k_max 4 have zero regressions but sit behind the failure at 0.9).
-    certified = lambda out: {(s["tau"], s["k_max"]) for s in out["settings"] if s["certified"]}  # noqa: E731
+    def certified(out):
+        return {(s["tau"], s["k_max"]) for s in out["settings"] if s["certified"]}
+
     assert certified(lazy) == certified(eager) == {(0.99, 4), (0.95, 4)}
     assert lazy["choice"] == {**eager["choice"], "setting": lazy["choice"]["setting"]}
     assert lazy["choice"]["tau"] == 0.95
@@ -404,3 +406,74 @@ def test_missing_model_directory_is_one_line(tmp_path, capsys):
     assert main(["tune", "--model", str(tmp_path / "nope"), "--target-drop", "0.02"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a directory" in err
+
+
+def _problems_file(tmp_path) -> Path:
+    rows = [("Tom has 3 apples and buys 2 more. How many apples does he have?", "3 + 2 = 5\n#### 5"),
+            ("A book costs $12. How much do 3 books cost?", "3 * 12 = 36\n#### 36"),
+            ("Sara had 10 pens and gave away 4. How many are left?", "10 - 4 = 6\n#### 6"),
+            ("There are 7 days in a week. How many days are in 2 weeks?", "2 * 7 = 14\n#### 14")]
+    path = tmp_path / "calibration.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Many small forwards: on a shared 2-core machine two OpenMP threads spin against other processes
+    (tests/test_decoder.py measured 3x), so decoding tests run single-threaded."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys, one_torch_thread):
+    from adaptive.cli import mtp_defaults
+    from distill.cli import main
+
+    model = _model_copy(tiny_model_dir, tmp_path)
+    common = ["tune", "--model", str(model), "--dataset", str(_problems_file(tmp_path)), "--n", "4",
+              "--max-new-tokens", "8", "--batch-size", "4"]
+    grid = ["--taus", "0.9,0.5", "--k-max", "2,4"]
+
+    # A 2-point target cannot be certified from 4 problems: said up front, then the lossless fallback is written.
+    assert main([*common, *grid, "--target-drop", "0.02"]) == 0
+    captured = capsys.readouterr()
+    assert "nothing can be certified" in captured.err and "chosen: selfspec k_max=2 (not certified)" in captured.out
+    report = json.loads((model / "tune" / "report.json").read_text())
+    assert report["certified"] is False and report["choice"]["rule"] == "fallback"
+    assert [(s["k_max"], s["tau"]) for s in report["settings"]] == [(2, 0.9), (4, 0.9)]  # each sequence stopped
+    assert [(r["k_max"], r["tau"]) for r in report["not_evaluated"]] == [(2, 0.5), (4, 0.5)]
+    assert mtp_defaults(str(model))["strategy"] == "selfspec" and mtp_defaults(str(model))["k_max"] == 2
+
+    # A loose target is certifiable at n=4 (zero regressions: p = 0.1^4 <= 0.05 / 2): every setting is decoded and
+    # the fastest certified one goes into the generation config.
+    assert main([*common, *grid, "--target-drop", "0.9"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((model / "tune" / "report.json").read_text())
+    assert (report["n"], report["target_drop"], report["delta"], report["n_sequences"]) == (4, 0.9, 0.05, 2)
+    assert len(report["settings"]) == 4 and report["not_evaluated"] == []
+    for s in report["settings"]:
+        assert {"tau", "k_max", "accuracy", "drop", "regressions", "improvements", "p_value", "certified",
+                "tokens_per_forward_mean", "tokens_per_forward_std", "tokens_per_second"} <= set(s)
+        assert len(s["correct"]) == 4
+        assert s["p_value"] == pytest.approx(binomial_pvalue(s["regressions"], 4, 0.9))
+    choice = report["choice"]
+    certified = [s for s in report["settings"] if s["certified"]]
+    assert report["certified"] is True and choice["rule"] == "fastest-certified" and certified
+    assert max(s["tokens_per_forward_mean"] for s in certified) == next(
+        s["tokens_per_forward_mean"] for s in certified if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
+    assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": choice["k_max"], "tau": choice["tau"]}
+    assert f"chosen: confadapt tau={choice['tau']:g} k_max={choice['k_max']}" in out
+    assert (model / "tune" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (model / "tune").iterdir()) == ["pareto.png", "report.json"]
+
+    # --no-write leaves the generation config alone.
+    before = (model / "generation_config.json").read_bytes()
+    assert main([*common, "--taus", "0.9", "--k-max", "2", "--target-drop", "0.02", "--no-write",
+                 "--report-dir", str(tmp_path / "r")]) == 0
+    assert (model / "generation_config.json").read_bytes() == before
+    assert (tmp_path / "r" / "report.json").is_file()
