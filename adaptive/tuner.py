@@ -227,7 +227,9 @@ def _setting_fields(report, tau: float, k_max: int) -> dict:
     for key in ("accuracy", "stderr", "agreement", "tokens_per_forward_mean", "tokens_per_forward_std",
                 "tokens_per_second", "tokens", "forwards", "seconds"):
         value = getattr(report, key, None)
-        fields[key] = value if value is None or isinstance(value, int) else float(value)
+        if value is not None and not isinstance(value, int):
+            value = float(value) if math.isfinite(value) else None  # e.g. the stderr of n = 1: JSON has no NaN
+        fields[key] = value
     return fields
 
 
