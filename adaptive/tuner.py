@@ -537,42 +537,64 @@ def main(argv: list[str]) -> int:
 
     from adaptive.cli import load_mtp_model, stop_ids
     from adaptive.decoder import MTPDecoder
-    from adaptive.evaluate import run_eval
-    from adaptive.strategies import ConfAdapt, Static
     from distill.models import resolve_model_path
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
     calibrator = _load_calibrator(resolve_model_path(args.model))
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
-    common = {"prompt_format": args.format, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
-    # Warm-up (first forwards allocate and pick kernels) so the reference's wall-clock is not charged for it.
-    run_eval(decoder, problems[:1], Static(1), **{**common, "max_new_tokens": min(4, args.max_new_tokens)},
-             progress=False)
     print(f"reference: static(k=1) on {len(problems)} problems (rows {start}..{start + len(problems) - 1} of "
           f"{args.dataset})", file=sys.stderr)
+    tune(decoder, problems, target_drop=args.target_drop, delta=args.delta, taus=taus, k_maxes=k_maxes,
+         prompt_format=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+         scorer=calibrator, min_speed=args.min_speed, speed=args.speed, full_sweep=args.full_sweep,
+         report_dir=report_dir, model_dir=None if args.no_write else model_dir,
+         extra={"model": str(args.model), "dataset": str(args.dataset), "split": args.split, "start": start},
+         title=f"mtp tune: {model_dir.name}, n={len(problems)}, target drop {args.target_drop:g}, "
+               f"delta {args.delta:g}")
+    return 0
+
+
+def tune(decoder, problems: list[dict], *, target_drop: float, delta: float, taus: Sequence[float],
+         k_maxes: Sequence[int], prompt_format: str = "chat", max_new_tokens: int = 256, batch_size: int = 16,
+         scorer=None, min_speed: float | None = None, speed: str = "tokens", full_sweep: bool = False,
+         report_dir, model_dir=None, extra: dict | None = None, title: str | None = None) -> dict:
+    """Reference run, lazy sweep, LTT selection, report.json + pareto.png in `report_dir`; the choice goes into
+    `model_dir`'s generation config when given. Returns the report (its "choice" holds strategy, tau, k_max).
+
+    `problems` are evaluate.load_problems rows; `scorer` is the ConfAdapt confidence (a fitted calibrator or None
+    for the raw top-1 probability). `mtp tune` and `mtp demo` both come through here.
+    """
+    from adaptive.evaluate import run_eval
+    from adaptive.strategies import ConfAdapt, Static
+
+    common = {"prompt_format": prompt_format, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    # Warm-up (first forwards allocate and pick kernels) so the reference's wall-clock is not charged for it.
+    run_eval(decoder, problems[:1], Static(1), **{**common, "max_new_tokens": min(4, max_new_tokens)},
+             progress=False)
     reference = run_eval(decoder, problems, Static(1), **common, progress=True)
 
     def evaluate_setting(tau: float, k_max: int):
-        return run_eval(decoder, problems, ConfAdapt(tau, k_max, scorer=calibrator), **common, reference=reference,
+        return run_eval(decoder, problems, ConfAdapt(tau, k_max, scorer=scorer), **common, reference=reference,
                         progress=False)
 
-    settings = sweep(evaluate_setting, taus, k_maxes, reference=reference.correct, target=args.target_drop,
-                     delta=args.delta, full=args.full_sweep or args.min_speed is not None, progress=True)
-    selection = select(reference.correct, settings, target=args.target_drop, delta=args.delta,
-                       n_sequences=len(k_maxes), min_speed=args.min_speed, speed=args.speed)
+    settings = sweep(evaluate_setting, taus, k_maxes, reference=reference.correct, target=target_drop,
+                     delta=delta, full=full_sweep or min_speed is not None, progress=True)
+    selection = select(reference.correct, settings, target=target_drop, delta=delta,
+                       n_sequences=len(k_maxes), min_speed=min_speed, speed=speed)
     choice = selection["choice"]
     evaluated = {(s["tau"], s["k_max"]): s for s in settings}
     ref_fields = _reference_fields(reference)
+
     # Per-problem correctness as "0"/"1" strings, so anyone can recompute every count and p-value from the report.
     def bits(correct) -> str:
         return "".join("1" if ok else "0" for ok in correct)
 
     report = {
-        "model": str(args.model), "dataset": str(args.dataset), "split": args.split, "start": start,
-        "n": len(problems), "format": args.format, "max_new_tokens": args.max_new_tokens,
-        "target_drop": args.target_drop, "delta": args.delta, "level_per_test": selection["level"],
-        "n_sequences": len(k_maxes), "speed": args.speed, "min_speed": args.min_speed,
-        "calibrated_confidence": calibrator is not None,
+        **(extra or {}),
+        "n": len(problems), "format": prompt_format, "max_new_tokens": max_new_tokens,
+        "target_drop": target_drop, "delta": delta, "level_per_test": selection["level"],
+        "n_sequences": len(k_maxes), "speed": speed, "min_speed": min_speed,
+        "calibrated_confidence": scorer is not None,
         "method": "Learn then Test (Angelopoulos et al. 2021): binomial p-value P(Bin(n, target) <= regressions) "
                   "per setting, fixed-sequence testing per k_max from conservative to aggressive tau at level "
                   "delta / n_sequences; improvements are not credited (conservative); drop = (b - c) / n",
@@ -585,24 +607,24 @@ def main(argv: list[str]) -> int:
         "certified": choice["certified"],
         "choice": {key: value for key, value in choice.items() if key != "setting"},
     }
+    report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     report_path = _write_json(report_dir / "report.json", report)
     plot_path = pareto_plot(report_dir / "pareto.png", selection["settings"], ref_fields, choice=choice,
-                            target=args.target_drop, title=f"mtp tune: {model_dir.name}, n={len(problems)}, "
-                            f"target drop {args.target_drop:g}, delta {args.delta:g}")
+                            target=target_drop, title=title)
 
     print(f"reference static(k=1): accuracy {reference.accuracy:.3f} "
           f"({sum(map(bool, reference.correct))}/{len(problems)}), {reference.tokens_per_forward_mean:.2f} "
           f"tokens/forward, {reference.tokens_per_second:.1f} tok/s"
-          + (" | ConfAdapt uses the model's calibrated confidence" if calibrator is not None else ""))
+          + (" | ConfAdapt uses the model's calibrated confidence" if scorer is not None else ""))
     print(format_table(selection))
     n_cert = sum(s["certified"] for s in selection["settings"])
-    print(f"certified at delta={args.delta:g} (per-test level {selection['level']:.4g}, {len(k_maxes)} k_max "
+    print(f"certified at delta={delta:g} (per-test level {selection['level']:.4g}, {len(k_maxes)} k_max "
           f"sequences): {n_cert} of {len(selection['settings'])} evaluated settings")
     print(choice_line(choice))
     print(f"wrote {report_path} and {plot_path}")
-    if not args.no_write:
+    if model_dir is not None:
         path = write_decoding_defaults(model_dir, choice["strategy"], choice["k_max"], choice["tau"])
-        print(f"wrote {path}: `mtp generate --model {args.model}` now decodes with {choice['strategy']}"
+        print(f"wrote {path}: `mtp generate --model {model_dir}` now decodes with {choice['strategy']}"
               + (f" tau={choice['tau']:g}" if choice["tau"] is not None else "") + f" k_max={choice['k_max']}")
-    return 0
+    return report
