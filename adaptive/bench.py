@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     questions = held_out_questions(args.dataset, args.prompts)
-    model, tokenizer = load_mtp_model(args.model, args.dtype)
+    model, tokenizer = load_mtp_model(args.model, args.dtype, convert=True)  # untrained conversions are measured too
     model.to(device)
     results = run_bench(model, tokenizer, questions, batch_sizes=batch_sizes, max_new_tokens=args.max_new_tokens,
                         k_max=args.k_max, tau=args.tau, progress=True)

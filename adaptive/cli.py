@@ -38,13 +38,25 @@ class _Parser(argparse.ArgumentParser):
 # Shared by generate, demo, bench-decode, evaluate and tune
 
 
-def load_mtp_model(name_or_path: str, dtype: str = "float32"):
-    """(model, tokenizer) in eval mode; adds an untrained <MTP> (with a one-line warning) if the model has none."""
+def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool = False):
+    """(model, tokenizer) in eval mode. A model without <MTP> (config.mtp_mask_token_id) is an error, unless
+    `convert`: then an untrained <MTP> is added, with a one-line warning (bench-decode measures such conversions)."""
+    from distill.models import check_position_ids, resolve_model_path
+
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    not_mtp = UserError(f"{name_or_path} is not an MTP model (no config.mtp_mask_token_id); train it with "
+                        "`mtp train`, or pass --add-mtp-token to try an untrained conversion")
     tokenizer = load_tokenizer(name_or_path)
+    config_file = Path(resolve_model_path(name_or_path)) / "config.json"
+    if not convert and config_file.is_file():  # fail before loading the weights
+        if json.loads(config_file.read_text()).get("mtp_mask_token_id") is None:
+            raise not_mtp
     model = load_model(name_or_path, dtype=DTYPES[dtype])
+    check_position_ids(model)
     if MTP_TOKEN not in tokenizer.get_vocab() or getattr(model.config, "mtp_mask_token_id", None) is None:
+        if not convert:
+            raise not_mtp
         print(f"warning: {name_or_path} has no {MTP_TOKEN} token; added an untrained one (untrained conversion: "
               "spans beyond the first token are not meaningful until it is distilled with `mtp train`)",
               file=sys.stderr)
@@ -155,6 +167,9 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     parser.add_argument("--html", help="write the chunk view of every generation to this HTML file")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--add-mtp-token", action="store_true",
+                        help="allow a model without <MTP>: add an untrained one (spans beyond the first token are "
+                             "not meaningful until it is trained with `mtp train`)")
     args = parser.parse_args(argv)
 
     prompts = read_prompts(args.prompt, args.batch_file)
@@ -165,7 +180,7 @@ def generate_main(argv: list[str]) -> int:
     if args.html and Path(args.html).is_dir():
         raise UserError(f"--html {args.html} is a directory")
     strategy = build_strategy(mtp_defaults(args.model), args.strategy, k=args.k, tau=args.tau, k_max=args.k_max)
-    model, tokenizer = load_mtp_model(args.model, args.dtype)
+    model, tokenizer = load_mtp_model(args.model, args.dtype, convert=args.add_mtp_token)
     stops = stop_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     start = time.perf_counter()

@@ -123,6 +123,22 @@ def format_and_tokenize(ds, tokenizer, *, fmt: str = "chat", max_length: int):
     return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing ({fmt})")
 
 
+def check_row_lengths(ds, min_tokens: int, what: str = "the dataset") -> None:
+    """UserError when tokenized rows are too short to hold one MTP problem (a row whose regions all lack a real target
+    would give an empty step; the caller computes `min_tokens` from the layout, distill.trainer.min_row_tokens)."""
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        raise UserError(f"{what} has no rows")
+    lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"]).to_numpy(zero_copy_only=False)
+    short = np.flatnonzero(lengths < min_tokens)
+    if short.size:
+        first = int(short[0])
+        raise UserError(f"{short.size} of {len(ds)} rows of {what} are shorter than one MTP region (row {first} has "
+                        f"{int(lengths[first])} tokens, a region needs {min_tokens}); drop the short rows or use a "
+                        "smaller seq_len / more num_regions")
+
+
 def train_eval_split(ds, eval_fraction: float, seed: int):
     """(train, eval) with a seeded split; eval is None when eval_fraction == 0. Rows sharing a "group" (a seed
     question) land on the same side."""

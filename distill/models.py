@@ -8,14 +8,18 @@ Accepted names:
   * a hub id (`Qwen/Qwen3-4B-Instruct-2507`), loaded by transformers as usual when online.
 
 Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it.
+MTP packing gives every slot the position of its source token (paper §1.3), so a model must take `position_ids`
+(`check_position_ids`); under a live ZeRO-3 config `full_weights()` loads whole tensors for the trainer to edit.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -125,3 +129,43 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_position_ids(model) -> None:
+    """UserError unless the model's forward takes `position_ids`: a packed row repeats positions (the ground truth
+    hidden under region r's masks restarts at its own source index in region r+1, §1.3), which only explicit position
+    ids can express. Architectures that derive positions from the sequence (ALiBi models such as BLOOM or MPT) cannot
+    be trained or decoded this way."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise UserError(f"unsupported architecture {type(base).__name__}: its forward takes no position_ids, which MTP "
+                        "packing needs (every slot carries its source position, paper §1.3); use a RoPE or "
+                        "learned-position model (Llama, Qwen, Mistral, Gemma, GPT-2, ...)")
+
+
+def is_partitioned(model) -> bool:
+    """True when DeepSpeed ZeRO-3 has already sharded the weights (each holds a `ds_id`, its local shape is empty)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def full_weights():
+    """Inside, `from_pretrained` and `resize_token_embeddings` work on whole tensors even when a ZeRO-3 config is live.
+
+    transformers loads under `deepspeed.zero.Init` (each process keeps only its shard) whenever a ZeRO-3
+    `TrainingArguments` exists. The trainer must first add <MTP> (its row is drawn from the statistics of all the
+    others) and copy the frozen teacher; DeepSpeed partitions both afterwards. Costs one full copy of the weights in
+    CPU memory per process while the trainer is built.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # the live config object (transformers keeps a weak reference)
+    live = ref() if ref is not None else None
+    if live is None or not live.is_zero3():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(live)

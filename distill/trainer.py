@@ -14,20 +14,29 @@ The trainer is a plain `transformers.Trainer` otherwise: optimizer, schedule, gr
 checkpointing and `resume_from_checkpoint` all come from it. It adds `<MTP>` to the model if missing, records
 `config.mtp_mask_token_id` / `config.mtp_k_max` in saved checkpoints, wraps the model with peft when given a
 `peft_config` (keeping the `<MTP>` embedding row trainable), and logs the paper's diagnostics (§2.2 step 8).
+
+What a cluster needs on top (distill/checkpoints.py): checkpoints are written under a hidden name and renamed when
+complete, SIGTERM saves a checkpoint at the next step boundary and stops, and a step whose loss is NaN/inf is skipped
+(no weight update; counted as `nonfinite_steps`) until `max_nonfinite_steps` in a row end the run with one message.
+Under ZeRO-3 the student and the frozen teacher are built whole (the <MTP> row needs every embedding row) and
+DeepSpeed partitions both afterwards: the teacher as a ZeRO-3 inference engine (TRL's `prepare_deepspeed`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from distill import checkpoints
 from distill.attention import dense_block_mask, flex_block_mask
-from distill.data import MTPCollator, format_and_tokenize, load_examples, train_eval_split
+from distill.data import MTPCollator, check_row_lengths, format_and_tokenize, load_examples, train_eval_split
 from distill.errors import UserError
 from distill.layout import StepSampler, build_layout, prefix_len, raw_tokens_needed
 from distill.objective import SUPERVISIONS, metric_names, mtp_objective
@@ -106,6 +115,16 @@ class MTPDistillConfig(TrainingArguments):
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    # --- reliability ---
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "Optimizer steps with a NaN/inf loss are skipped (no update); this many in a row end the run."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds an earlier run: its checkpoint-N directories are "
+                          "deleted first. Off: such a directory is an error (continue it with --resume)."},
+    )
 
     # --- TrainingArguments defaults changed for this method ---
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate (§3.1)."})
@@ -149,6 +168,8 @@ class MTPDistillConfig(TrainingArguments):
             raise UserError(f"prefix_ntp_weight must be >= 0, got {self.prefix_ntp_weight}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_nonfinite_steps < 1:
+            raise UserError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -172,10 +193,18 @@ def prepare_datasets(args: MTPDistillConfig, tokenizer):
     if evaluation is not None and args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
 
-    def tokenize(ds):
-        return format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+    def tokenize(ds, split):
+        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+        check_row_lengths(ds, min_row_tokens(args), what=f"{args.dataset_name} ({split})")
+        return ds
 
-    return tokenize(train), (tokenize(evaluation) if evaluation is not None else None)
+    return tokenize(train, "train"), (tokenize(evaluation, "eval") if evaluation is not None else None)
+
+
+def min_row_tokens(args: MTPDistillConfig) -> int:
+    """Tokens a row needs for one MTP problem at every step: region 0's ground truth at k_min and offset 0 plus its
+    first target (P(k_min) + 1; §1.6: a region with no real target is never supervised)."""
+    return prefix_len(args.seq_len, args.num_regions, args.k_min) + 1
 
 
 def _mtp_token_peft_config(peft_config, model, mtp_id: int):
@@ -200,17 +229,68 @@ class MTPDistillTrainer(Trainer):
 
     def __init__(self, model, args: MTPDistillConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, teacher_model=None, callbacks=None, **kwargs):
-        from distill.models import load_model, load_tokenizer
+        from distill.models import full_weights, is_partitioned
 
         args = args if args is not None else MTPDistillConfig(output_dir="outputs/mtp")
         if not isinstance(args, MTPDistillConfig):
             raise UserError("args must be an MTPDistillConfig")
+        with full_weights():  # ZeRO-3: load and edit whole tensors; DeepSpeed partitions them in train()
+            model, tokenizer, teacher_kind, teacher_module = self._build_models(
+                model, args, processing_class, peft_config, teacher_model)
+        if is_partitioned(model):
+            raise UserError("the model was loaded already partitioned by ZeRO-3; pass it by name or path "
+                            "(the trainer adds <MTP> and copies the teacher before DeepSpeed partitions them)")
+
+        if train_dataset is None and args.dataset_name:
+            train_dataset, prepared_eval = prepare_datasets(args, tokenizer)
+            eval_dataset = eval_dataset if eval_dataset is not None else prepared_eval
+        train_dataset, eval_dataset = (self._tokenized(d, tokenizer, args) for d in (train_dataset, eval_dataset))
+        data_collator = kwargs.pop("data_collator", None) or MTPCollator(tokenizer.pad_token_id, args.raw_length)
+
+        # Preemption (SIGTERM -> checkpoint and stop) and the non-finite-loss guard; see distill/checkpoints.py.
+        self.preemption = checkpoints.PreemptionCallback(self._any_rank)
+        callbacks = [*(callbacks or []), self.preemption, _NonFiniteGuard(self)]
+        self._checkpoint_staging: str | None = None
+        self._nonfinite = {"pending": False, "where": None, "in_a_row": 0, "total": 0, "first_step": None}
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, **kwargs)
+        # compute_loss returns a per-micro-batch mean (§2.2 step 7); the Trainer divides it over accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+        self.pad_token_id = tokenizer.pad_token_id
+        self.teacher = None
+        if args.supervision != "gt":
+            if teacher_kind == "shared-base":
+                self.teacher = Teacher("shared-base", self.model, replace_token_id=self.pad_token_id)
+            else:
+                teacher_rows = teacher_module.get_output_embeddings().weight.shape[0]
+                self.teacher = Teacher(teacher_kind, self._prepare_teacher(teacher_module),
+                                       replace_token_id=self.pad_token_id,
+                                       vocab_size=min(teacher_rows, self._student_rows))
+        self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, args.num_regions,
+                                   rank=args.process_index, random_offsets=args.random_offsets)
+        # Evaluation draws (k, offset) per eval batch from its own seed, the same sequence at every evaluation.
+        self.eval_sampler = StepSampler(args.seed + 1, args.k_min, args.k_max, args.seq_len, args.num_regions,
+                                        rank=args.process_index, random_offsets=args.random_offsets)
+        self._eval_batch = 0
+        self._flex_masks: dict = {}
+        self._metric_names = ["k", "offset"] + metric_names(args.k_max)
+        self._metric_index = {name: i for i, name in enumerate(self._metric_names)}
+        self._metrics = {mode: torch.zeros(2, len(self._metric_names), dtype=torch.float64) for mode in ("train", "eval")}
+        self._window_start: dict[str, float | None] = {"train": None, "eval": None}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_models(self, model, args, tokenizer, peft_config, teacher_model):
+        """(student, tokenizer, teacher kind, teacher module): <MTP> added, teacher built, peft applied."""
+        from distill.models import check_position_ids, load_model, load_tokenizer
+
         if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
+            tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model, **(args.model_init_kwargs or {}))
-        if processing_class is None:
+        check_position_ids(model)
+        if tokenizer is None:
             raise UserError("pass the tokenizer as processing_class")
-        tokenizer = processing_class
         if peft_config is not None and is_peft_model(model):
             raise UserError("the model is already a peft model; pass either a peft model or a peft_config, not both")
         uses_peft = peft_config is not None or is_peft_model(model)
@@ -223,7 +303,7 @@ class MTPDistillTrainer(Trainer):
         model.config.mtp_k_max = args.k_max
 
         # The teacher is built before peft wraps the student: a frozen copy must be the plain initial model.
-        student_rows = model.get_output_embeddings().weight.shape[0]
+        self._student_rows = model.get_output_embeddings().weight.shape[0]
         teacher_kind, teacher_module = "shared-base", None
         if teacher_model is not None:
             teacher_kind = "model"
@@ -242,47 +322,32 @@ class MTPDistillTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, _mtp_token_peft_config(peft_config, model, self.mask_token_id))
+        return model, tokenizer, teacher_kind, teacher_module
 
-        if train_dataset is None and args.dataset_name:
-            train_dataset, prepared_eval = prepare_datasets(args, tokenizer)
-            eval_dataset = eval_dataset if eval_dataset is not None else prepared_eval
-        train_dataset, eval_dataset = (self._tokenized(d, tokenizer, args) for d in (train_dataset, eval_dataset))
-        data_collator = kwargs.pop("data_collator", None) or MTPCollator(tokenizer.pad_token_id, args.raw_length)
-
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, **kwargs)
-        # compute_loss returns a per-micro-batch mean (§2.2 step 7); the Trainer divides it over accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
-
-        self.pad_token_id = tokenizer.pad_token_id
-        self.teacher = None
-        if args.supervision != "gt":
-            if teacher_kind == "shared-base":
-                self.teacher = Teacher("shared-base", self.model, replace_token_id=self.pad_token_id)
-            else:
-                teacher_rows = teacher_module.get_output_embeddings().weight.shape[0]
-                self.teacher = Teacher(teacher_kind, self._prepare_teacher(teacher_module),
-                                       replace_token_id=self.pad_token_id, vocab_size=min(teacher_rows, student_rows))
-        self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, args.num_regions,
-                                   rank=args.process_index, random_offsets=args.random_offsets)
-        # Evaluation draws (k, offset) per eval batch from its own seed, the same sequence at every evaluation.
-        self.eval_sampler = StepSampler(args.seed + 1, args.k_min, args.k_max, args.seq_len, args.num_regions,
-                                        rank=args.process_index, random_offsets=args.random_offsets)
-        self._eval_batch = 0
-        self._flex_masks: dict = {}
-        self._metric_names = ["k", "offset"] + metric_names(args.k_max)
-        self._metric_index = {name: i for i, name in enumerate(self._metric_names)}
-        self._metrics = {mode: torch.zeros(2, len(self._metric_names), dtype=torch.float64) for mode in ("train", "eval")}
-        self._window_start: dict[str, float | None] = {"train": None, "eval": None}
-
-    # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _tokenized(ds, tokenizer, args):
         """Raw query/response rows are formatted and tokenized here (TRL trainers accept raw datasets too)."""
         if ds is None or "input_ids" in ds.column_names:
             return ds
-        return format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+        check_row_lengths(ds, min_row_tokens(args), what="the dataset")
+        return ds
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every process when `flag` is True on any (a decision all ranks must take together)."""
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        votes = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+
+    def train(self, *args, **kwargs):
+        with self.preemption.listening():  # SIGTERM -> checkpoint at the next step boundary, then stop
+            return super().train(*args, **kwargs)
+
+    @property
+    def preempted(self) -> bool:
+        """Training stopped early on SIGTERM (a checkpoint of the last step was saved)."""
+        return self.preemption.stopped_at is not None and self.state.global_step < self.state.max_steps
 
     def _prepare_teacher(self, teacher):
         if self.is_deepspeed_enabled:
@@ -347,10 +412,11 @@ class MTPDistillTrainer(Trainer):
             prefix_targets=layout.labels[layout.prefix_slots] if args.prefix_ntp_weight else None,
             prefix_ntp_weight=args.prefix_ntp_weight,
         )
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss ({loss.item()}) at step {self.state.global_step} (k={k}, "
-                            f"offset={offset}); lower the learning rate or check the model and data")
-        self._record(mode, {"k": float(k), "offset": float(offset), **metrics})
+        if mode == "train" and not torch.isfinite(loss):
+            # Backward still runs (DDP/ZeRO need every rank's backward); _NonFiniteGuard drops this step's update.
+            self._nonfinite.update(pending=True, where=(self.state.global_step, k, offset))
+        else:
+            self._record(mode, {"k": float(k), "offset": float(offset), **metrics})
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -392,4 +458,82 @@ class MTPDistillTrainer(Trainer):
             logs.update(extra)  # in place: Trainer.evaluate returns this same dict
             self._metrics[mode].zero_()
             self._window_start[mode] = time.perf_counter() if mode == "train" else None
+        if mode == "train" and "loss" in logs:
+            logs["nonfinite_steps"] = float(self._nonfinite["total"])  # skipped so far (NaN/inf loss)
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints (distill/checkpoints.py)
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer._save_checkpoint into `.partial-checkpoint-N/`, renamed to `checkpoint-N` once every rank is done:
+        a kill mid-save never leaves a `checkpoint-N` that resume would pick."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save:
+            checkpoints.remove_partial(run_dir)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging  # the Trainer writes <staging>/checkpoint-N (see _get_output_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:  # disk full, quota, I/O error: safetensors, torch and json raise different types
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            last = checkpoints.last_checkpoint(run_dir)
+            where = (f"the last complete checkpoint is {last} (continue with --resume once the cause is fixed)"
+                     if last else "no checkpoint was written")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not save {name} to {run_dir}: {reason}; {where}") from exc
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+            if self.state.best_model_checkpoint == staged:  # recorded under the staging path: point it at the final
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            checkpoints.commit(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            # The Trainer rotated inside the staging directory (one checkpoint: nothing to do); rotate the real one.
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Skip the optimizer step when any rank's loss was NaN/inf in it; stop after `max_nonfinite_steps` in a row.
+
+    Runs between gradient clipping and `optimizer.step()`. Dropping the gradients (`set_to_none`) makes torch
+    optimizers leave every parameter and its moments untouched. DeepSpeed and fp16's GradScaler check the gradients for
+    inf/NaN themselves and skip the step (DeepSpeed has already stepped by now), so there the step is only counted.
+    """
+
+    def __init__(self, trainer: MTPDistillTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer, record = self.trainer, self.trainer._nonfinite
+        bad = trainer._any_rank(record["pending"])
+        record["pending"] = False
+        if not bad:
+            record["in_a_row"], record["first_step"] = 0, None
+            return
+        if not (trainer.is_deepspeed_enabled or trainer.accelerator.scaler is not None):
+            trainer.model.zero_grad(set_to_none=True)
+        record["total"] += 1
+        record["in_a_row"] += 1
+        if record["first_step"] is None:
+            record["first_step"] = state.global_step + 1  # numbered as in the logs (1 = the first update)
+        if record["in_a_row"] >= args.max_nonfinite_steps:
+            where = ""
+            if record["where"] is not None:
+                _, k, offset = record["where"]
+                where = f", the last at k={k}, offset={offset}"
+            last = checkpoints.last_checkpoint(args.output_dir)
+            raise UserError(
+                f"non-finite loss (NaN/inf) at {record['in_a_row']} optimizer steps in a row (steps "
+                f"{record['first_step']}..{state.global_step + 1}{where}); stopped: lower the learning rate, use bf16 "
+                "rather than fp16, or check the model and data"
+                + (f"; the last complete checkpoint is {last}" if last else ""))

@@ -19,6 +19,11 @@ split is used.
 The final model is written into `output_dir` (checkpoints stay in `output_dir/checkpoint-N`). It is staged in a
 hidden sub-directory and moved in with its `config.json` (`adapter_config.json` for LoRA) last, the file every loader
 opens first: a crash mid-save never leaves something that looks like a complete model.
+
+Runs on a cluster (distill/checkpoints.py): `--resume` continues from the newest complete checkpoint (read back first;
+a damaged one is an error), `--resume_from_checkpoint auto` does so only when there is one (what a requeued job
+passes), an output_dir holding an earlier run is never trained over unless asked (`--overwrite_output_dir true`), and
+SIGTERM saves a checkpoint and exits 0 without writing the final model.
 """
 
 import os
@@ -39,6 +44,11 @@ class ScriptArguments:
     """Options of this script that neither the trainer config nor trl.ModelConfig carries."""
 
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off: safer)."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the newest complete checkpoint-N in output_dir (= --resume_from_checkpoint "
+                          "last); an error when there is none."},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- parsing
@@ -109,6 +119,11 @@ def parse_args(argv: list[str]):
     if unknown:
         raise UserError(f"unknown option(s): {' '.join(unknown)}")
     _check_model_args(model_args)
+    if script_args.resume:
+        if config.resume_from_checkpoint not in (None, "", "last", "true", "latest"):
+            raise UserError(f"--resume conflicts with --resume_from_checkpoint {config.resume_from_checkpoint}; "
+                            "give one of them")
+        config.resume_from_checkpoint = "last"
     return script_args, config, model_args
 
 
@@ -144,34 +159,44 @@ def resolve_dataset(name: str) -> str:
 
 
 def _resume_target(config) -> str | None:
-    """`resume_from_checkpoint`: a checkpoint directory, or true/last/latest for the newest one in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """`resume_from_checkpoint`: a checkpoint directory; true/last/latest for the newest complete one in output_dir
+    (an error when there is none); auto for the newest one if any (a requeued job). The checkpoint is read back."""
+    from distill.checkpoints import check_checkpoint, last_checkpoint
 
     value = config.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
-    if str(value).lower() in ("true", "yes", "last", "latest"):
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if str(value).lower() in ("true", "yes", "last", "latest", "auto"):
+        last = last_checkpoint(config.output_dir)
+        if last is None and str(value).lower() == "auto":
+            return None
         if last is None:
-            raise UserError(f"resume_from_checkpoint: no checkpoint-N directory in {config.output_dir}")
-        return last
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise UserError(f"resume_from_checkpoint: {value} is not a checkpoint directory (no trainer_state.json)")
+            raise UserError(f"nothing to resume: {config.output_dir} holds no complete checkpoint-N directory "
+                            "(start without --resume)")
+        value = last
+    check_checkpoint(str(value))
     return str(value)
 
 
-def _check_output_dir(output_dir: str, resuming: bool) -> None:
+def _check_output_dir(config, resuming: bool) -> None:
     """Never train over an earlier run by accident: its checkpoint-N directories would be overwritten."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from distill.checkpoints import STAGING_PREFIX, last_checkpoint
 
-    out = Path(output_dir)
+    out = Path(config.output_dir)
     if resuming or not out.is_dir():
         return
-    if get_last_checkpoint(str(out)) is not None or any((out / m).exists() for m in ("config.json", "adapter_config.json")):
+    earlier = last_checkpoint(str(out)) is not None or any((out / m).exists() for m in ("config.json", "adapter_config.json"))
+    if not earlier:
+        return
+    if not config.overwrite_output_dir:
         raise UserError(
-            f"output_dir {out} already holds a run; pass --resume_from_checkpoint true to continue it "
-            "or choose another --output_dir"
+            f"output_dir {out} already holds a run; pass --resume to continue it, --overwrite_output_dir true to "
+            "start over, or choose another --output_dir"
         )
+    if config.should_save:  # asked to start over: the old checkpoints must not be resumed into the new run later
+        for path in [*out.glob("checkpoint-*"), *out.glob(f"{STAGING_PREFIX}*")]:
+            if path.is_dir():
+                shutil.rmtree(path)
 
 
 def save_final(trainer, output_dir: str) -> str:
@@ -182,7 +207,14 @@ def save_final(trainer, output_dir: str) -> str:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     # Every rank calls save_model: under ZeRO-3 / FSDP it gathers the shards; only the main process writes.
-    trainer.save_model(str(staging))
+    try:
+        trainer.save_model(str(staging))
+    except Exception as exc:  # disk full, quota, I/O error (safetensors, torch and json raise different types)
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not save the final model to {out}: {reason}; the checkpoints in {out} are intact "
+                        "(continue with --resume once the cause is fixed)") from exc
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         markers = ("config.json", "adapter_config.json")
@@ -211,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.trainer import MTPDistillTrainer
 
     resume = _resume_target(config)
-    _check_output_dir(config.output_dir, resuming=resume is not None)
+    _check_output_dir(config, resuming=resume is not None)
     config.dataset_name = resolve_dataset(config.dataset_name)
 
     # The model goes to the trainer by name, loaded with these kwargs (TRL's model_init_kwargs convention); keys the
@@ -232,11 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=resume)
-    path = save_final(trainer, config.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.save_state()
-        kind = "LoRA adapter" if model_args.use_peft else "model"
-        print(f"saved {kind} + tokenizer to {path} (step {trainer.state.global_step})")
+    if trainer.preempted:  # SIGTERM: the checkpoint of this step is saved; the run is not finished
+        if trainer.is_world_process_zero():
+            print(f"stopped on SIGTERM at step {trainer.state.global_step}: saved "
+                  f"{Path(config.output_dir) / f'checkpoint-{trainer.state.global_step}'}; continue with --resume")
+    else:
+        path = save_final(trainer, config.output_dir)
+        if trainer.is_world_process_zero():
+            trainer.save_state()
+            kind = "LoRA adapter" if model_args.use_peft else "model"
+            print(f"saved {kind} + tokenizer to {path} (step {trainer.state.global_step})")
 
     import torch.distributed as dist
 

@@ -142,14 +142,20 @@ def test_defaults_from_exported_generation_config(tiny_model_dir, tmp_path, caps
     assert rc == 0 and r["strategy"] == "static(k=3)" and r["accepted_per_step"] == [3, 3, 1]
 
 
-def test_untrained_model_gets_mtp_on_the_fly(smollm2_dir, tmp_path, capsys):
+def test_model_without_mtp_is_an_error_unless_converted_on_the_fly(smollm2_dir, tmp_path, capsys):
     tok = load_tokenizer(smollm2_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    rc, out, err = _run(capsys, "--model", str(tmp_path / "base"), "--prompt", "hi", "--max-new-tokens", "3", "--json")
+    capsys.readouterr()  # the save's progress bars
+    rc, out, err = _run(capsys, "--model", str(tmp_path / "base"), "--prompt", "hi", "--max-new-tokens", "3")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "is not an MTP model" in err and "mtp train" in err and "--add-mtp-token" in err
+
+    rc, out, err = _run(capsys, "--model", str(tmp_path / "base"), "--prompt", "hi", "--max-new-tokens", "3", "--json",
+                        "--add-mtp-token")
     assert rc == 0 and len(_json_lines(out)) == 1
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "untrained conversion" in warnings[0]

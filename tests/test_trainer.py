@@ -193,12 +193,16 @@ def test_evaluation_reports_mtp_metrics(tiny_model_dir, tmp_path, gsm8k_path):
         assert key in first, key
 
 
-def test_non_finite_loss_names_the_step(tiny_model_dir, tmp_path, examples):
-    trainer = make_trainer(tiny_model_dir, tmp_path, examples)
+def test_non_finite_loss_skips_steps_then_stops_with_their_range(tiny_model_dir, tmp_path, examples):
+    trainer = make_trainer(tiny_model_dir, tmp_path, examples, max_nonfinite_steps=2)
     with torch.no_grad():
         trainer.model.lm_head.weight[:, 0] = float("nan")
-    with pytest.raises(UserError, match="non-finite loss .* at step 0"):
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(UserError, match=r"non-finite loss \(NaN/inf\) at 2 optimizer steps in a row \(steps 1\.\.2"):
         trainer.train()
+    # Both steps were skipped: no parameter moved (the NaN column compares by position).
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("overrides, message", [
