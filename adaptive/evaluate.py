@@ -331,7 +331,7 @@ def parse_strategies(spec: str, defaults: dict) -> list:
             else:
                 strategy = make_strategy(name, k_max=int(values[0]) if values else defaults["k_max"])
         except ValueError:
-            raise UserError(f"--strategies item {item.strip()!r}: not a number") from None
+            raise UserError(f"--strategies item {item.strip()!r}: K and K_MAX must be integers, TAU a number") from None
         if strategy.label not in labels:
             labels.add(strategy.label)
             out.append(strategy)
