@@ -230,7 +230,8 @@ def save_final(trainer, output_dir: str) -> str:
 # -------------------------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """`mtp train`; `callbacks` (TrainerCallback instances) is for callers in Python, e.g. `mtp demo`'s time budget."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         script_args, config, model_args = parse_args(argv)
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args=config,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     if trainer.preempted:  # SIGTERM: the checkpoint of this step is saved; the run is not finished
