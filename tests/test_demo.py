@@ -1,4 +1,6 @@
-"""`mtp demo`: refuses foreign directories and bad flags before any work; GSM8K answer extraction."""
+"""`mtp demo`: refuses foreign directories and bad flags before any work; the CI-sized run writes every artefact."""
+
+import json
 
 import pytest
 
@@ -9,18 +11,52 @@ def test_demo_never_touches_a_foreign_directory(tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    assert mtp_main(["demo", "--output-dir", str(foreign), "--steps", "1"]) == 2
+    assert mtp_main(["demo", "--output-dir", str(foreign), "--minutes", "3"]) == 2
     assert "not created by `mtp demo`" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
-    assert mtp_main(["demo", "--output-dir", str(tmp_path / "d"), "--tau", "2"]) == 2  # checked before any work
-    assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("so 5 + 3 = 8.\n#### 8", "8"), ("The answer is 1,234.", "1234"), ("It costs $18.00", "18"),
-    ("#### -3.5", "-3.5"), ("no digits", None), ("48/2 = 24 in May, 48+24 = 72 clips", "72"),
+@pytest.mark.parametrize("argv, message", [
+    (["--minutes", "0.5"], "--minutes must be in [1, 1440]"),
+    (["--target-drop", "1.5"], "--target-drop must be in (0, 1)"),
+    (["--delta", "0"], "--delta must be in (0, 1)"),
+    (["--steps", "3"], "unrecognized arguments"),
 ])
-def test_final_answer(text, answer):
-    from adaptive.demo import final_answer
+def test_demo_bad_flags_fail_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "d"
+    assert mtp_main(["demo", "--output-dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
 
-    assert final_answer(text) == answer
+
+def test_plan_scales_with_the_budget():
+    from adaptive.demo import Plan
+
+    small, full = Plan.for_minutes(3), Plan.for_minutes(20)
+    assert small.train_seconds < full.train_seconds and small.held_out < full.held_out
+    assert full.train_seconds == pytest.approx(0.4 * 20 * 60)
+    assert set(full.taus) <= {0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9, 0.87, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6}
+
+
+@pytest.mark.slow
+def test_demo_three_minutes_writes_every_artefact(smollm2_dir, gsm8k_path, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert mtp_main(["demo", "--minutes", "3", "--output-dir", str(out), "--dataset", str(gsm8k_path)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("training.png", "reliability.png", "tune/pareto.png", "tune/report.json", "chunks.html", "report.json",
+                 "model/config.json", "model/mtp_calibration.json", "model/generation_config.json"):
+        assert (out / name).is_file(), name
+    for png in ("training.png", "reliability.png", "tune/pareto.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    labels = [row["label"] for row in report["evaluation"]]
+    assert labels[0] == "k=1 (next-token)" and "static(k=2)" in labels and "static(k=3)" in labels
+    assert any(label.startswith("selfspec") for label in labels)
+    rows = {row["label"]: row for row in report["evaluation"]}
+    # the lossless mode gives k=1's answers exactly
+    assert rows[next(label for label in labels if label.startswith("selfspec"))]["agreement"] == 1.0
+    assert report["rows"]["evaluate"] == len(report["evaluation"][0]["correct"])
+    assert "accuracy" in printed and "tok/fwd" in printed
+    gen = json.loads((out / "model" / "generation_config.json").read_text())
+    assert gen["mtp_strategy"] in ("confadapt", "selfspec")
