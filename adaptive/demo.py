@@ -41,7 +41,10 @@ from distill.errors import UserError
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
-TRAIN_SHARE = 0.4  # of the time budget; the rest goes to calibration, tuning and evaluation
+# Shares of the time budget: training 40%; tuning may start settings until 75% of the budget is spent (it always
+# evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
+TRAIN_SHARE = 0.4
+TUNE_UNTIL = 0.75
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,8 @@ def main(argv: list[str]) -> int:
     tuning = tuner.tune(decoder, tune_set, target_drop=args.target_drop, delta=args.delta, taus=plan.taus,
                         k_maxes=k_maxes, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
                         scorer=calibrator, report_dir=out / "tune", model_dir=model_dir,
-                        title=f"mtp demo: n={len(tune_set)}, target drop {args.target_drop:g}, delta {args.delta:g}")
+                        title=f"mtp demo: n={len(tune_set)}, target drop {args.target_drop:g}, delta {args.delta:g}",
+                        deadline=started + TUNE_UNTIL * plan.minutes * 60)
     timings["tune"] = time.perf_counter() - t
 
     # 4. evaluate -------------------------------------------------------------------------------------------------

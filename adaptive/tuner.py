@@ -62,6 +62,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -235,12 +236,14 @@ def _setting_fields(report, tau: float, k_max: int) -> dict:
 
 def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float], k_maxes: Sequence[int], *,
           reference: Sequence[bool], target: float, delta: float = 0.05, full: bool = False,
-          progress: bool = False) -> list[dict]:
+          progress: bool = False, deadline: float | None = None) -> list[dict]:
     """Evaluate ConfAdapt settings end to end, in testing order; return their dicts (see `select`).
 
     evaluate_setting(tau, k_max) returns an EvalReport-like object (.correct, .accuracy, .tokens_per_forward_mean,
     .tokens_per_forward_std, .tokens_per_second). Without `full`, a k_max's sequence stops after its first failed
-    test (p > delta / len(k_maxes)), exactly where `select` stops certifying it.
+    test (p > delta / len(k_maxes)), exactly where `select` stops certifying it. `deadline` (a time.perf_counter()
+    value) ends the sweep before the next setting once passed (the first setting always runs): the sequences are then
+    shorter, which testing allows (an untested tau is simply not certified).
     """
     target = _check_fraction(target, "target drop")
     level = _check_fraction(delta, "delta") / len(k_maxes)
@@ -251,6 +254,9 @@ def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float
     try:
         for k_max, sequence in order:
             for i, tau in enumerate(sequence):
+                if deadline is not None and settings and time.perf_counter() > deadline:
+                    bar.write(f"tune: time budget spent; {bar.total - bar.n} setting(s) not evaluated")
+                    return settings
                 bar.set_postfix_str(f"k_max={k_max} tau={tau:g}")
                 setting = _setting_fields(evaluate_setting(tau, k_max), tau, k_max)
                 settings.append(setting)
@@ -557,7 +563,8 @@ def main(argv: list[str]) -> int:
 def tune(decoder, problems: list[dict], *, target_drop: float, delta: float, taus: Sequence[float],
          k_maxes: Sequence[int], prompt_format: str = "chat", max_new_tokens: int = 256, batch_size: int = 16,
          scorer=None, min_speed: float | None = None, speed: str = "tokens", full_sweep: bool = False,
-         report_dir, model_dir=None, extra: dict | None = None, title: str | None = None) -> dict:
+         report_dir, model_dir=None, extra: dict | None = None, title: str | None = None,
+         deadline: float | None = None) -> dict:
     """Reference run, lazy sweep, LTT selection, report.json + pareto.png in `report_dir`; the choice goes into
     `model_dir`'s generation config when given. Returns the report (its "choice" holds strategy, tau, k_max).
 
@@ -578,7 +585,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float, delta: float, tau
                         progress=False)
 
     settings = sweep(evaluate_setting, taus, k_maxes, reference=reference.correct, target=target_drop,
-                     delta=delta, full=full_sweep or min_speed is not None, progress=True)
+                     delta=delta, full=full_sweep or min_speed is not None, progress=True, deadline=deadline)
     selection = select(reference.correct, settings, target=target_drop, delta=delta,
                        n_sequences=len(k_maxes), min_speed=min_speed, speed=speed)
     choice = selection["choice"]

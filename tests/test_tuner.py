@@ -316,6 +316,18 @@ def test_sweep_stops_a_sequence_at_its_first_failure():
     assert lazy["choice"]["tau"] == 0.95
 
 
+def test_sweep_deadline_ends_it_after_the_first_setting():
+    import time
+
+    ref = [True] * 300 + [False] * 100
+    fake = FakeEvaluator(ref, {(t, k): 0 for t in (0.99, 0.9) for k in (4, 8)})
+    settings = sweep(fake, [0.99, 0.9], [4, 8], reference=ref, target=0.02, delta=0.05,
+                     deadline=time.perf_counter() - 1)
+    assert fake.calls == [(0.99, 4)] and len(settings) == 1  # the first setting always runs; then time is up
+    out = select(ref, settings, target=0.02, delta=0.05, n_sequences=2)
+    assert out["choice"]["tau"] == 0.99  # an untested tau is simply not certified
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 
