@@ -244,6 +244,17 @@ def test_an_earlier_run_is_never_trained_over_unless_asked(tiny_model_dir, data_
     assert json.loads((earlier_run / "trainer_state.json").read_text())["global_step"] == 1
 
 
+def test_resume_auto_continues_only_when_there_is_a_checkpoint(earlier_run, tmp_path):
+    """What a requeued SLURM job passes: the newest complete checkpoint if any, else a fresh start."""
+    from types import SimpleNamespace
+
+    (earlier_run / ".partial-checkpoint-8" / "checkpoint-8").mkdir(parents=True)  # a killed save: never picked
+    auto = SimpleNamespace(resume_from_checkpoint="auto", output_dir=str(earlier_run))
+    assert trainer_cli._resume_target(auto) == str(earlier_run / "checkpoint-6")
+    assert trainer_cli._resume_target(SimpleNamespace(resume_from_checkpoint="auto",
+                                                      output_dir=str(tmp_path / "new"))) is None
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 
 
