@@ -49,9 +49,8 @@ def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool =
                         "`mtp train`, or pass --add-mtp-token to try an untrained conversion")
     tokenizer = load_tokenizer(name_or_path)
     config_file = Path(resolve_model_path(name_or_path)) / "config.json"
-    if not convert and config_file.is_file():  # fail before loading the weights
-        if json.loads(config_file.read_text()).get("mtp_mask_token_id") is None:
-            raise not_mtp
+    if not convert and config_file.is_file() and json.loads(config_file.read_text()).get("mtp_mask_token_id") is None:
+        raise not_mtp  # before loading the weights
     model = load_model(name_or_path, dtype=DTYPES[dtype])
     check_position_ids(model)
     if MTP_TOKEN not in tokenizer.get_vocab() or getattr(model.config, "mtp_mask_token_id", None) is None:

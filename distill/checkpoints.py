@@ -77,7 +77,7 @@ def check_checkpoint(path: str) -> None:
     Cheap: JSON parses, safetensors headers (which also check that the file covers every tensor), and the central
     directory at the end of each torch zip file (a truncated file has none). No tensor is loaded.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     root = Path(path)
 
@@ -99,7 +99,7 @@ def check_checkpoint(path: str) -> None:
         try:
             with safe_open(str(file), "pt"):
                 pass
-        except Exception as exc:  # SafetensorError is not an OSError subclass
+        except (SafetensorError, OSError) as exc:
             raise corrupt(str(file.relative_to(root)), f"cannot be read ({str(exc).splitlines()[0]})") from None
     for pattern in ("*.pt", "*.pth", "*.bin"):
         for file in sorted(root.rglob(pattern)):

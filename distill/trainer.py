@@ -118,7 +118,8 @@ class MTPDistillConfig(TrainingArguments):
     # --- reliability ---
     max_nonfinite_steps: int = field(
         default=5,
-        metadata={"help": "Optimizer steps with a NaN/inf loss are skipped (no update); this many in a row end the run."},
+        metadata={"help": "Optimizer steps with a NaN/inf loss are skipped (no update); this many in a row end the "
+                          "run."},
     )
     overwrite_output_dir: bool = field(
         default=False,

@@ -185,8 +185,8 @@ def _check_output_dir(config, resuming: bool) -> None:
     out = Path(config.output_dir)
     if resuming or not out.is_dir():
         return
-    earlier = last_checkpoint(str(out)) is not None or any((out / m).exists() for m in ("config.json", "adapter_config.json"))
-    if not earlier:
+    final_model = any((out / marker).exists() for marker in ("config.json", "adapter_config.json"))
+    if last_checkpoint(str(out)) is None and not final_model:
         return
     if not config.overwrite_output_dir:
         raise UserError(

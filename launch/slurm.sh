@@ -97,7 +97,8 @@ elif [[ "$LAUNCHER" == torchrun ]]; then
     case "$ACCELERATE" in
         zero2|zero3|zero3_offload) TRAIN_ARGS+=(--deepspeed "launch/ds_$ACCELERATE.json") ;;
         single|multi_gpu) ;;
-        *) die "--launcher torchrun runs DeepSpeed (zero2, zero3, zero3_offload) or DDP (single, multi_gpu); use --launcher accelerate for $ACCELERATE" ;;
+        *) die "--launcher torchrun runs DeepSpeed (zero2, zero3, zero3_offload) or DDP (single, multi_gpu);" \
+               "use --launcher accelerate for $ACCELERATE" ;;
     esac
     LAUNCH="torchrun --nnodes $NODES --nproc_per_node $GPUS_PER_NODE --rdzv_id $SLURM_JOB_ID --rdzv_backend c10d \
 --rdzv_endpoint $MASTER_ADDR:$MASTER_PORT"

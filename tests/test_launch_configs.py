@@ -167,7 +167,8 @@ def test_slurm_requeued_job_resumes_with_torchrun_rendezvous(fake_tools):
     env = {**env, "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]",
            "SLURM_RESTART_COUNT": "1", "GPUS_PER_NODE": "8", "MASTER_PORT": "29555"}
     done = subprocess.run(["bash", "launch/slurm.sh", "--config", "recipes/llama31-8b-magpie.yaml", "--accelerate",
-                           "zero3_offload", "--launcher", "torchrun"], cwd=REPO, env=env, capture_output=True, text=True)
+                           "zero3_offload", "--launcher", "torchrun"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     call = _calls(log)["torchrun"]
     assert call.startswith("--nnodes 2 --nproc_per_node 8 --rdzv_id 42 --rdzv_backend c10d --rdzv_endpoint "
@@ -220,8 +221,8 @@ def test_slurm_forwards_sigterm_to_the_trainers_and_requeues(fake_tools, tmp_pat
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [[ "$1" == show ]]; then echo node-a; else echo "scontrol $*" >> "$LOG"; fi\n')
     env = {**env, "SLURM_JOB_ID": "42", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node-a"}
-    job = subprocess.Popen(["bash", "launch/slurm.sh", "--config", "recipes/smollm2-cpu.yaml", "--accelerate", "single"],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(["bash", "launch/slurm.sh", "--config", "recipes/smollm2-cpu.yaml", "--accelerate",
+                            "single"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not (log.exists() and "accelerate" in log.read_text()):  # the trainer is up
         assert time.monotonic() < deadline and job.poll() is None, job.communicate()

@@ -183,11 +183,12 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tiny_mode
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir, gsm8k_path, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
     import distill.trainer as trainer_module
     from distill.data import load_examples
     from distill.models import load_model, load_tokenizer
     from distill.trainer import MTPDistillConfig, MTPDistillTrainer
-    from transformers import TrainerCallback
 
     objective = trainer_module.mtp_objective
 
@@ -223,8 +224,12 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_change_nothing(tiny_model_di
     import distill.trainer as trainer_module
 
     objective = trainer_module.mtp_objective
-    monkeypatch.setattr(trainer_module, "mtp_objective",
-                        lambda *a, **k: (lambda loss, m: (loss * float("inf"), m))(*objective(*a, **k)))
+
+    def always_inf(*args, **kwargs):
+        loss, metrics = objective(*args, **kwargs)
+        return loss * float("inf"), metrics
+
+    monkeypatch.setattr(trainer_module, "mtp_objective", always_inf)
     before = snapshot(earlier_run)
     argv = train_args(tiny_model_dir, data_file, earlier_run, "--max_steps", "8", "--resume",
                       "--max_nonfinite_steps", "2")
