@@ -4,8 +4,10 @@
                  [--tau T] [--k-max K] [--batch-file prompts.jsonl] [--json] [--html chunks.html]
 
 Decoding defaults come from the model's generation config (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, written by
-`mtp export`), else ConfAdapt with k_max 16 and tau 0.9 (paper §4.2). A model without `<MTP>` gets one added on the
-fly (an untrained conversion, announced on stderr): useful to try the tool on any base, meaningless for speed.
+`mtp export` and `mtp tune`), else ConfAdapt with k_max 16 and tau 0.9 (paper §4.2). ConfAdapt thresholds the
+calibrated confidence when `mtp calibrate` saved a calibrator beside the model (--no-calibration: the raw top-1
+probability). A model without a trained `<MTP>` is refused; --add-mtp-token adds an untrained one (announced on
+stderr): useful to try the tool on any base, meaningless for speed.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def mtp_defaults(name_or_path: str) -> dict:
     }
 
 
-def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None):
-    """Command-line values override the model's defaults; make_strategy validates them (UserError)."""
+def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None,
+                   scorer=None):
+    """Command-line values override the model's defaults; make_strategy validates them (UserError). `scorer`:
+    ConfAdapt's confidence (a fitted calibrator), ignored by the other strategies."""
     from adaptive.strategies import make_strategy
 
     name = name or defaults["strategy"]
@@ -101,7 +105,9 @@ def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: floa
     if k is None and k_max is None:
         k_max = defaults["k_max"]
     tau = defaults["tau"] if tau is None else tau
-    return make_strategy(name, k=k, k_max=k_max, tau=tau if name == "confadapt" else None)
+    if name == "confadapt":
+        return make_strategy(name, k=k, k_max=k_max, tau=tau, scorer=scorer)
+    return make_strategy(name, k=k, k_max=k_max)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -169,6 +175,8 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--add-mtp-token", action="store_true",
                         help="allow a model without <MTP>: add an untrained one (spans beyond the first token are "
                              "not meaningful until it is trained with `mtp train`)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="confadapt: threshold the raw top-1 probability even if the model has a calibrator")
     args = parser.parse_args(argv)
 
     prompts = read_prompts(args.prompt, args.batch_file)
@@ -178,7 +186,11 @@ def generate_main(argv: list[str]) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.html and Path(args.html).is_dir():
         raise UserError(f"--html {args.html} is a directory")
-    strategy = build_strategy(mtp_defaults(args.model), args.strategy, k=args.k, tau=args.tau, k_max=args.k_max)
+    from adaptive.calibration import load_calibrator
+
+    scorer = None if args.no_calibration else load_calibrator(args.model)
+    strategy = build_strategy(mtp_defaults(args.model), args.strategy, k=args.k, tau=args.tau, k_max=args.k_max,
+                              scorer=scorer)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=args.add_mtp_token)
     stops = stop_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)

@@ -90,7 +90,8 @@ class ConfAdapt:
 
     @property
     def label(self) -> str:
-        return f"confadapt(tau={self.tau:g},k_max={self.k_max})"
+        calibrated = "" if self.scorer is top1_probability else ",calibrated"
+        return f"confadapt(tau={self.tau:g},k_max={self.k_max}{calibrated})"
 
     def __repr__(self) -> str:
         return f"ConfAdapt(tau={self.tau:g}, k_max={self.k_max})"
@@ -140,8 +141,9 @@ class SelfSpeculative:
 STRATEGIES = ("static", "confadapt", "selfspec")
 
 
-def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, k_max: int | None = None):
-    """Build a strategy from command-line style values.
+def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, k_max: int | None = None,
+                  scorer: Scorer | None = None):
+    """Build a strategy from command-line style values (`scorer`: ConfAdapt's confidence, e.g. a fitted calibrator).
 
     static: k (k_max accepted as a synonym). confadapt: tau (required) and k_max (k as a synonym; default 16).
     selfspec: k_max (k as a synonym; default 16). A value a strategy does not use (tau for static) is ignored;
@@ -164,5 +166,5 @@ def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, 
     if key == "confadapt":
         if tau is None:
             raise UserError("strategy confadapt needs tau (confidence threshold in (0, 1])")
-        return ConfAdapt(tau, span if span is not None else DEFAULT_K_MAX)
+        return ConfAdapt(tau, span if span is not None else DEFAULT_K_MAX, scorer=scorer)
     return SelfSpeculative(span if span is not None else DEFAULT_K_MAX)
