@@ -69,6 +69,24 @@ def gsm8k_path() -> Path:
     return GSM8K_TRAIN
 
 
+@pytest.fixture(scope="session")
+def gsm8k_rows(gsm8k_path, tmp_path_factory) -> str:
+    """The first 24 GSM8K train rows as a small jsonl (short training runs)."""
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    with open(gsm8k_path) as src:
+        path.write_text("".join(next(src) for _ in range(24)))
+    return str(path)
+
+
+@pytest.fixture
+def restore_environment():
+    """Recipes export their `env:` block into os.environ; keep that out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 # A short real distillation run, shared by the slow tests that need a trained MTP checkpoint (tests/test_train_smollm2.py;
 # decoding tests may reuse it). recipes/smollm2-cpu.yaml with the row shrunk to S=64, M=2 so 30 steps fit in about two
 # minutes on 2 idle cores; the held-out eval runs at step 0 and at step 30 on the same rows and (k, offset) draws.

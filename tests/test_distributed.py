@@ -30,14 +30,6 @@ CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
 GLOBAL_BATCH, STEPS = 4, 3
 
 
-@pytest.fixture(scope="module")
-def data_file(gsm8k_path, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    with open(gsm8k_path) as src:
-        path.write_text("".join(next(src) for _ in range(24)))
-    return str(path)
-
-
 def train_args(model: str, data: str, out: Path, per_device: int, *extra: str) -> list[str]:
     return ["--config", CPU_RECIPE, "--model_name_or_path", model, "--dataset_name", data, "--output_dir", str(out),
             "--eval_fraction", "0", "--per_device_train_batch_size", str(per_device), "--k_min", "4", "--k_max", "4",
@@ -96,14 +88,14 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_model_dir, data_file, tmp_path_factory) -> Path:
+def single_process(tiny_model_dir, gsm8k_rows, tmp_path_factory) -> Path:
     """The reference: one process, no DeepSpeed, the whole global batch per step."""
     root = tmp_path_factory.mktemp("single")
     (root / "start.safetensors").write_bytes((Path(tiny_model_dir) / "model.safetensors").read_bytes())
     out = root / "run"
     saved = dict(os.environ)
     try:
-        argv = train_args(tiny_model_dir, data_file, out, GLOBAL_BATCH, "--max_steps", str(STEPS))
+        argv = train_args(tiny_model_dir, gsm8k_rows, out, GLOBAL_BATCH, "--max_steps", str(STEPS))
         assert trainer_cli.main(argv) == 0
     finally:
         os.environ.clear()
@@ -111,9 +103,9 @@ def single_process(tiny_model_dir, data_file, tmp_path_factory) -> Path:
     return out
 
 
-def test_zero2_two_processes_match_one_process(tiny_model_dir, data_file, single_process, tmp_path):
+def test_zero2_two_processes_match_one_process(tiny_model_dir, gsm8k_rows, single_process, tmp_path):
     out = tmp_path / "zero2"
-    done = torchrun(train_args(tiny_model_dir, data_file, out, GLOBAL_BATCH // 2, "--max_steps", str(STEPS),
+    done = torchrun(train_args(tiny_model_dir, gsm8k_rows, out, GLOBAL_BATCH // 2, "--max_steps", str(STEPS),
                                "--deepspeed", "launch/ds_zero2.json"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"saved model + tokenizer to {out} (step {STEPS})" in done.stdout
@@ -123,10 +115,10 @@ def test_zero2_two_processes_match_one_process(tiny_model_dir, data_file, single
     assert_same_run(out, single_process)
 
 
-def test_zero3_preempted_on_one_rank_resumes_and_matches_one_process(tiny_model_dir, data_file, single_process,
+def test_zero3_preempted_on_one_rank_resumes_and_matches_one_process(tiny_model_dir, gsm8k_rows, single_process,
                                                                      tmp_path):
     out = tmp_path / "zero3"
-    argv = train_args(tiny_model_dir, data_file, out, GLOBAL_BATCH // 2, "--max_steps", str(STEPS), "--save_steps",
+    argv = train_args(tiny_model_dir, gsm8k_rows, out, GLOBAL_BATCH // 2, "--max_steps", str(STEPS), "--save_steps",
                       "10", "--deepspeed", "launch/ds_zero3.json")
     driver = tmp_path / "preempt.py"
     driver.write_text(PREEMPT_RANK_1)

@@ -29,26 +29,10 @@ from safetensors.torch import load_file
 from distill import trainer_cli
 from distill.cli import main as mtp
 
+pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 REPO = Path(__file__).resolve().parents[1]
 CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def restore_environment():
-    """Recipes export their `env:` block; keep that out of the other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def data_file(gsm8k_path, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    with open(gsm8k_path) as src:
-        path.write_text("".join(next(src) for _ in range(24)))
-    return str(path)
 
 
 def train_args(model: str, data: str, out, *extra: str) -> list[str]:
@@ -81,14 +65,14 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_model_dir, data_file, tmp_path_factory) -> Path:
+def reference_run(tiny_model_dir, gsm8k_rows, tmp_path_factory) -> Path:
     """The uninterrupted run: 6 steps, checkpoints at 4 and 6 kept, final model (one thread, like the drivers)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = dict(os.environ)
     try:
-        assert trainer_cli.main(train_args(tiny_model_dir, data_file, out, "--max_steps", str(STEPS))) == 0
+        assert trainer_cli.main(train_args(tiny_model_dir, gsm8k_rows, out, "--max_steps", str(STEPS))) == 0
     finally:
         torch.set_num_threads(threads)
         os.environ.clear()
@@ -141,12 +125,12 @@ def run_driver(tmp_path: Path, mode: str, at: int, argv: list[str]) -> subproces
                           capture_output=True, text=True, timeout=600)
 
 
-def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, data_file, reference_run,
+def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, gsm8k_rows, reference_run,
                                                                         tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
 
     out = tmp_path / "run"
-    argv = train_args(tiny_model_dir, data_file, out, "--max_steps", str(STEPS))
+    argv = train_args(tiny_model_dir, gsm8k_rows, out, "--max_steps", str(STEPS))
 
     # 1. SIGKILL while checkpoint-4 is being written: its weights are on disk, under the hidden staging name only.
     done = run_driver(tmp_path, "kill-mid-save", 4, argv)
@@ -219,7 +203,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir, gsm8k_path, tm
     assert all(torch.isfinite(torch.tensor([e["loss"] for e in logs])))  # the skipped loss is not averaged in
 
 
-def test_non_finite_steps_in_a_row_stop_the_run_and_change_nothing(tiny_model_dir, data_file, earlier_run, capsys,
+def test_non_finite_steps_in_a_row_stop_the_run_and_change_nothing(tiny_model_dir, gsm8k_rows, earlier_run, capsys,
                                                                    monkeypatch):
     import distill.trainer as trainer_module
 
@@ -231,16 +215,16 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_change_nothing(tiny_model_di
 
     monkeypatch.setattr(trainer_module, "mtp_objective", always_inf)
     before = snapshot(earlier_run)
-    argv = train_args(tiny_model_dir, data_file, earlier_run, "--max_steps", "8", "--resume",
+    argv = train_args(tiny_model_dir, gsm8k_rows, earlier_run, "--max_steps", "8", "--resume",
                       "--max_nonfinite_steps", "2")
     line = one_error(capsys, ["train", *argv], "non-finite loss (NaN/inf) at 2 optimizer steps in a row (steps 7..8")
     assert f"the last complete checkpoint is {earlier_run / 'checkpoint-6'}" in line
     assert snapshot(earlier_run) == before
 
 
-def test_an_earlier_run_is_never_trained_over_unless_asked(tiny_model_dir, data_file, earlier_run, capsys):
+def test_an_earlier_run_is_never_trained_over_unless_asked(tiny_model_dir, gsm8k_rows, earlier_run, capsys):
     before = snapshot(earlier_run)
-    argv = train_args(tiny_model_dir, data_file, earlier_run, "--max_steps", "1")
+    argv = train_args(tiny_model_dir, gsm8k_rows, earlier_run, "--max_steps", "1")
     one_error(capsys, ["train", *argv], f"output_dir {earlier_run} already holds a run; pass --resume to continue it")
     assert snapshot(earlier_run) == before
 
@@ -268,7 +252,7 @@ def _tiny_copy(tiny_model_dir: str, dest: Path) -> Path:
     return dest
 
 
-def test_tokenizer_without_pad_token_is_handled(tiny_model_dir, data_file, tmp_path, capsys):
+def test_tokenizer_without_pad_token_is_handled(tiny_model_dir, gsm8k_rows, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     model = _tiny_copy(tiny_model_dir, tmp_path / "nopad")
@@ -277,11 +261,11 @@ def test_tokenizer_without_pad_token_is_handled(tiny_model_dir, data_file, tmp_p
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(model).pad_token is None
     out = tmp_path / "run"
-    assert mtp(["train", *train_args(str(model), data_file, out, "--max_steps", "1", "--save_strategy", "no")]) == 0
+    assert mtp(["train", *train_args(str(model), gsm8k_rows, out, "--max_steps", "1", "--save_strategy", "no")]) == 0
     assert "saved model + tokenizer" in capsys.readouterr().out
 
 
-def test_teacher_with_another_vocabulary_is_an_error(tiny_model_dir, data_file, tmp_path, capsys):
+def test_teacher_with_another_vocabulary_is_an_error(tiny_model_dir, gsm8k_rows, tmp_path, capsys):
     from distill.models import load_model, load_tokenizer
 
     teacher = tmp_path / "teacher"
@@ -292,7 +276,7 @@ def test_teacher_with_another_vocabulary_is_an_error(tiny_model_dir, data_file, 
     tokenizer.save_pretrained(teacher)
     capsys.readouterr()
     before = snapshot(tmp_path)
-    argv = train_args(tiny_model_dir, data_file, tmp_path / "run", "--teacher", str(teacher), "--max_steps", "1")
+    argv = train_args(tiny_model_dir, gsm8k_rows, tmp_path / "run", "--teacher", str(teacher), "--max_steps", "1")
     one_error(capsys, ["train", *argv], "vocab mismatch: teacher")
     assert snapshot(tmp_path) == before
 
@@ -309,7 +293,7 @@ def test_teacher_with_another_vocabulary_is_an_error(tiny_model_dir, data_file, 
     ("resume with nothing to resume", ["--resume"], "nothing to resume"),
     ("resume and another checkpoint", ["--resume", "--resume_from_checkpoint", "x"], "--resume conflicts"),
 ])
-def test_bad_training_input_is_one_error_line_and_changes_nothing(tiny_model_dir, data_file, tmp_path, capsys,
+def test_bad_training_input_is_one_error_line_and_changes_nothing(tiny_model_dir, gsm8k_rows, tmp_path, capsys,
                                                                    case, flags, message):
     (tmp_path / "bad.yaml").write_text(Path(CPU_RECIPE).read_text() + "learnin_rate: 0.1\n")
     (tmp_path / "nocolumn.jsonl").write_text('{"prompt": "2+2?", "completion": "4"}\n' * 4)
@@ -320,7 +304,7 @@ def test_bad_training_input_is_one_error_line_and_changes_nothing(tiny_model_dir
     message = message.replace("SHORT", subst["SHORT"])
     (tmp_path / "run").mkdir()
     before = snapshot(tmp_path)
-    argv = train_args(tiny_model_dir, data_file, tmp_path / "run", "--max_steps", "1")
+    argv = train_args(tiny_model_dir, gsm8k_rows, tmp_path / "run", "--max_steps", "1")
     if "--config" in flags:  # replace the recipe
         i = flags.index("--config")
         argv[1], flags = flags[i + 1], flags[:i] + flags[i + 2:]
@@ -328,7 +312,7 @@ def test_bad_training_input_is_one_error_line_and_changes_nothing(tiny_model_dir
     assert snapshot(tmp_path) == before, case
 
 
-def test_unsupported_architecture_is_an_error(tiny_model_dir, data_file, tmp_path, capsys):
+def test_unsupported_architecture_is_an_error(tiny_model_dir, gsm8k_rows, tmp_path, capsys):
     from transformers import BloomConfig, BloomForCausalLM
 
     from distill.models import load_tokenizer
@@ -339,7 +323,7 @@ def test_unsupported_architecture_is_an_error(tiny_model_dir, data_file, tmp_pat
     tokenizer.save_pretrained(bloom)
     capsys.readouterr()
     before = snapshot(tmp_path)
-    argv = train_args(str(bloom), data_file, tmp_path / "run", "--max_steps", "1")
+    argv = train_args(str(bloom), gsm8k_rows, tmp_path / "run", "--max_steps", "1")
     one_error(capsys, ["train", *argv], "unsupported architecture BloomForCausalLM: its forward takes no position_ids")
     assert snapshot(tmp_path) == before
 
@@ -349,7 +333,7 @@ def test_unsupported_architecture_is_an_error(tiny_model_dir, data_file, tmp_pat
     ("truncate-optimizer", "checkpoint-6 is corrupt: optimizer.pt cannot be read"),
     ("garble-state", "checkpoint-6 is corrupt: trainer_state.json cannot be read"),
 ])
-def test_corrupt_checkpoint_is_an_error(tiny_model_dir, data_file, earlier_run, capsys, damage, message):
+def test_corrupt_checkpoint_is_an_error(tiny_model_dir, gsm8k_rows, earlier_run, capsys, damage, message):
     checkpoint = earlier_run / "checkpoint-6"
     if damage == "garble-state":
         (checkpoint / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
@@ -358,12 +342,12 @@ def test_corrupt_checkpoint_is_an_error(tiny_model_dir, data_file, earlier_run, 
         with open(path, "r+b") as fh:
             fh.truncate(path.stat().st_size // 2)
     before = snapshot(earlier_run)
-    argv = train_args(tiny_model_dir, data_file, earlier_run, "--max_steps", "8", "--resume")
+    argv = train_args(tiny_model_dir, gsm8k_rows, earlier_run, "--max_steps", "8", "--resume")
     one_error(capsys, ["train", *argv], message)
     assert snapshot(earlier_run) == before
 
 
-def test_disk_full_while_saving_is_an_error_and_keeps_the_last_checkpoint(tiny_model_dir, data_file, earlier_run,
+def test_disk_full_while_saving_is_an_error_and_keeps_the_last_checkpoint(tiny_model_dir, gsm8k_rows, earlier_run,
                                                                            capsys, monkeypatch):
     real_save = torch.save
 
@@ -374,7 +358,7 @@ def test_disk_full_while_saving_is_an_error_and_keeps_the_last_checkpoint(tiny_m
 
     monkeypatch.setattr(torch, "save", full_disk)
     before = snapshot(earlier_run)
-    argv = train_args(tiny_model_dir, data_file, earlier_run, "--max_steps", "8", "--resume")
+    argv = train_args(tiny_model_dir, gsm8k_rows, earlier_run, "--max_steps", "8", "--resume")
     line = one_error(capsys, ["train", *argv], f"could not save checkpoint-8 to {earlier_run}: [Errno 28] No space")
     assert f"the last complete checkpoint is {earlier_run / 'checkpoint-6'}" in line
     assert snapshot(earlier_run) == before  # the half-written checkpoint-8 is gone; nothing else was touched

@@ -18,18 +18,10 @@ import torch
 from distill import trainer_cli
 from distill.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
-
-
-@pytest.fixture(autouse=True)
-def restore_environment():
-    """Recipes export their `env:` block; keep that out of the other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 # ------------------------------------------------------------------------------------------------------------ recipes
