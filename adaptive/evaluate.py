@@ -339,13 +339,8 @@ def parse_strategies(spec: str, defaults: dict) -> list:
 
 
 def _load_calibrator(model: str):
-    """The calibrator saved beside the model by `mtp calibrate`, or None (also when calibration is unavailable)."""
-    try:
-        from adaptive.calibration import load_calibrator
-    except ModuleNotFoundError as exc:
-        if exc.name != "adaptive.calibration":
-            raise
-        return None
+    """The calibrator saved beside the model by `mtp calibrate`, or None."""
+    from adaptive.calibration import load_calibrator
     from distill.models import resolve_model_path
 
     return load_calibrator(resolve_model_path(model))

@@ -467,18 +467,6 @@ def _calibration_problems(args) -> tuple[list[dict], int]:
     return problems, start
 
 
-def _load_calibrator(model_path: str):
-    """The calibrator `mtp calibrate` saved beside the model, or None: tau is tuned on the same confidence scale
-    `mtp generate` will gate on."""
-    import importlib.util
-
-    if importlib.util.find_spec("adaptive.calibration") is None:
-        return None
-    from adaptive.calibration import load_calibrator
-
-    return load_calibrator(model_path)
-
-
 def _reference_fields(report) -> dict:
     out = _setting_fields(report, 1.0, 1)
     for key in ("tau", "k_max", "correct"):
@@ -541,12 +529,14 @@ def main(argv: list[str]) -> int:
               "--k-max values. Running anyway; expect the lossless fallback.", file=sys.stderr)
     problems, start = _calibration_problems(args)
 
+    from adaptive.calibration import load_calibrator
     from adaptive.cli import load_mtp_model, stop_ids
     from adaptive.decoder import MTPDecoder
     from distill.models import resolve_model_path
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
-    calibrator = _load_calibrator(resolve_model_path(args.model))
+    # tau is tuned on the confidence scale `mtp generate` will gate on: the saved calibrator's, when there is one
+    calibrator = load_calibrator(resolve_model_path(args.model))
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
     print(f"reference: static(k=1) on {len(problems)} problems (rows {start}..{start + len(problems) - 1} of "
           f"{args.dataset})", file=sys.stderr)

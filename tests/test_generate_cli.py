@@ -192,3 +192,26 @@ def test_exit_code_from_the_console_script(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: batch file {tmp_path / 'nope.jsonl'} does not exist"]
+
+
+def test_confadapt_uses_the_saved_calibrator(tiny_model_dir, tmp_path, capsys):
+    """A calibrator beside the model is ConfAdapt's scorer in `mtp generate`; --no-calibration gives the raw one."""
+    import shutil
+
+    from adaptive.calibration import Calibrator
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    flat = {"temperature": 16.0, "n": 0, "source": "position"}  # calibrated confidence far below the raw one
+    Calibrator("temperature", {2: flat}, pooled=flat, k_max=2, n_samples=0, n_prompts=0).save(model_dir)
+    argv = ["--model", str(model_dir), "--prompt", "hi", "--strategy", "confadapt", "--tau", "4e-5", "--k-max", "4",
+            "--max-new-tokens", "16", "--json"]
+    rc, out, _ = _run(capsys, *argv)
+    calibrated = _json_lines(out)[0]
+    rc_raw, out_raw, _ = _run(capsys, *argv, "--no-calibration")
+    raw = _json_lines(out_raw)[0]
+    assert rc == rc_raw == 0
+    assert calibrated["strategy"] == "confadapt(tau=4e-05,k_max=4,calibrated)"
+    assert raw["strategy"] == "confadapt(tau=4e-05,k_max=4)"
+    assert max(raw["accepted_per_step"]) > 1  # the random model's raw top-1 probability (~1/V) passes tau sometimes ...
+    assert max(calibrated["accepted_per_step"]) == 1  # ... the flattened one (T = 16) never does past position 1
