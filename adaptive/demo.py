@@ -41,10 +41,10 @@ from distill.errors import UserError
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
-# Shares of the time budget: training 40%; tuning may start settings until 75% of the budget is spent (it always
+# Shares of the time budget: training 40%; tuning may start settings until 70% of the budget is spent (it always
 # evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
 TRAIN_SHARE = 0.4
-TUNE_UNTIL = 0.75
+TUNE_UNTIL = 0.7
 
 
 @dataclass(frozen=True)
