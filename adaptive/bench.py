@@ -136,8 +136,9 @@ def _run_mtp(decoder, strategy, prompts, batch_size, max_new_tokens):
 
 
 def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int], max_new_tokens: int, k_max: int,
-              tau: float, progress: bool = True) -> list[dict]:
-    """Measure every mode at every batch size; one dict per (batch size, mode)."""
+              tau: float, scorer=None, progress: bool = True) -> list[dict]:
+    """Measure every mode at every batch size; one dict per (batch size, mode). `scorer`: ConfAdapt's confidence
+    (the model's calibrator, so tau means what `mtp tune` certified)."""
     from adaptive.cli import stop_ids
     from adaptive.decoder import MTPDecoder
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
@@ -145,7 +146,7 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
     stops = stop_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    strategies = [Static(1), Static(3), ConfAdapt(tau, k_max), SelfSpeculative(k_max)]
+    strategies = [Static(1), Static(3), ConfAdapt(tau, k_max, scorer=scorer), SelfSpeculative(k_max)]
     lossless = {"hf-greedy": True, "hf-prompt-lookup": True, "static(k=1)": True, strategies[3].label: True}
     modes = ["hf-greedy", "hf-prompt-lookup"] + [s.label for s in strategies]
     by_label = {s.label: s for s in strategies}
@@ -191,11 +192,12 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
 
 
 def format_table(results: list[dict]) -> str:
-    header = f"{'batch':>5}  {'mode':<30} {'tok/s':>8} {'x greedy':>8} {'tok/fwd':>7} {'= greedy':>9}  note"
+    width = max([30] + [len(r["mode"]) for r in results])
+    header = f"{'batch':>5}  {'mode':<{width}} {'tok/s':>8} {'x greedy':>8} {'tok/fwd':>7} {'= greedy':>9}  note"
     lines = [header, "-" * len(header)]
     for r in results:
         eq = r["equal_to_hf_greedy"] + ("" if r["lossless"] else "*")
-        lines.append(f"{r['batch_size']:>5}  {r['mode']:<30} {r['tokens_per_second']:>8.1f} "
+        lines.append(f"{r['batch_size']:>5}  {r['mode']:<{width}} {r['tokens_per_second']:>8.1f} "
                      f"{r['ratio_vs_hf_greedy']:>8.2f} {r['tokens_per_forward']:>7.2f} {eq:>9}  {r['note']}")
     lines.append("* lossy mode: agreement with greedy shown for information only")
     return "\n".join(lines)
@@ -249,8 +251,10 @@ def main(argv: list[str]) -> int:
     questions = held_out_questions(args.dataset, args.prompts)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=True)  # untrained conversions are measured too
     model.to(device)
+    from adaptive.calibration import load_calibrator
+
     results = run_bench(model, tokenizer, questions, batch_sizes=batch_sizes, max_new_tokens=args.max_new_tokens,
-                        k_max=args.k_max, tau=args.tau, progress=True)
+                        k_max=args.k_max, tau=args.tau, scorer=load_calibrator(args.model), progress=True)
     doc = {
         "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
