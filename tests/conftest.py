@@ -62,6 +62,23 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> str:
     return str(out)
 
 
+# An ordinary token id (not a stop token, not <MTP>) whose output row `rigged_tiny_model` boosts.
+BOOST = 1000
+
+
+def rigged_tiny_model(model_dir: str):
+    """The tiny random model with output row BOOST boosted, so greedy decoding and the <MTP> drafts hit that token
+    often: drafts are right often enough to exercise acceptance (a plain random model never predicts its own next
+    token). Returns (model in eval mode, tokenizer)."""
+    from distill.models import load_model, load_tokenizer
+
+    model = load_model(model_dir).eval()
+    with torch.no_grad():
+        model.lm_head.weight[BOOST] = 0.5 * torch.randn(model.config.hidden_size,
+                                                        generator=torch.Generator().manual_seed(1))
+    return model, load_tokenizer(model_dir)
+
+
 @pytest.fixture(scope="session")
 def gsm8k_path() -> Path:
     if not GSM8K_TRAIN.is_file():

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import rigged_tiny_model
 from sklearn.metrics import roc_auc_score
 
 from adaptive.calibration import (
@@ -31,9 +32,7 @@ from adaptive.decoder import MTPDecoder
 from adaptive.strategies import ConfAdapt, Static, top1_probability
 from distill.cli import main as mtp_main
 from distill.errors import UserError
-from distill.models import load_model, load_tokenizer
 
-BOOST = 1000  # an ordinary token id whose output row is rigged so drafts are sometimes right, sometimes wrong
 TRUE_T = {2: 0.6, 3: 1.7}  # known miscalibration: under-confident at j = 2, over-confident at j = 3
 
 
@@ -251,14 +250,7 @@ def test_save_load_round_trip_and_corrupt_files(tmp_path, synth, temperature_cal
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def rig(tiny_model_dir):
-    """The tiny random model with one output row boosted, so drafts are right often enough to be interesting (a plain
-    random model never predicts its own next token)."""
-    model = load_model(tiny_model_dir).eval()
-    tokenizer = load_tokenizer(tiny_model_dir)
-    with torch.no_grad():
-        model.lm_head.weight[BOOST] = 0.5 * torch.randn(model.config.hidden_size,
-                                                        generator=torch.Generator().manual_seed(1))
-    return model, tokenizer
+    return rigged_tiny_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

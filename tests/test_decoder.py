@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import rigged_tiny_model
 from transformers import GenerationConfig
 
 from adaptive.decoder import GenerationResult, MTPDecoder, StepTrace
@@ -20,7 +21,6 @@ from distill.errors import UserError
 from distill.models import load_model, load_tokenizer
 from distill.tokens import add_mtp_token
 
-BOOST = 1000  # an ordinary token id (not a stop token, not <MTP>)
 N_NEW = 12
 
 
@@ -85,12 +85,7 @@ def one_torch_thread():
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def rig(tiny_model_dir):
-    model = load_model(tiny_model_dir)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    with torch.no_grad():
-        model.lm_head.weight[BOOST] = 0.5 * torch.randn(model.config.hidden_size,
-                                                        generator=torch.Generator().manual_seed(1))
-    return model, tokenizer
+    return rigged_tiny_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
