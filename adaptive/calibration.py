@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from tqdm.auto import tqdm
 
 from adaptive.strategies import MAX_K, SelfSpeculative, top1_probability
 from distill.errors import UserError
+from distill.files import replace_atomically
 
 CALIBRATION_FILE = "mtp_calibration.json"  # saved in the model directory
 FILE_FORMAT, FILE_VERSION = "mtp-calibration", 1
@@ -430,7 +429,7 @@ class Calibrator:
         elif not path.parent.is_dir():
             raise UserError(f"{path.parent} is not a directory; cannot save the calibrator there")
         text = json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n"
-        return _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path) -> Calibrator:
@@ -495,21 +494,6 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_atomically(path: Path, write) -> Path:
-    """write(tmp) next to `path`, then os.replace: readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)  # mkstemp creates 0600; these files are shared like the model itself
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -595,7 +579,7 @@ def reliability_diagram(path, curves: dict, n_bins: int = N_BINS, title: str | N
     bottom.set_ylabel("drafts")
     bottom.grid(alpha=0.3)
     try:
-        return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        return replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
 

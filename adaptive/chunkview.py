@@ -15,9 +15,9 @@ two chunks (multi-byte UTF-8 in byte-level BPE) is shown once, in the chunk that
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
+
+from distill.files import write_text_atomically
 
 # Two backgrounds, alternating per forward pass, with black text so both read on dark and light terminals.
 ANSI_BACKGROUNDS = ("\033[30;48;5;153m", "\033[30;48;5;223m")
@@ -147,14 +147,4 @@ def write_html(path, results, tokenizer, **kwargs) -> Path:
     """Write `render_html(...)` atomically (temporary file in the same directory, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    page = render_html(results, tokenizer, **kwargs)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the page is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, render_html(results, tokenizer, **kwargs))

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
 from distill.errors import UserError
+from distill.files import write_text_atomically
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
@@ -101,20 +100,8 @@ def _claim_demo_dir(out: Path) -> None:
     (out / DEMO_MARKER).write_text("created by `mtp demo`; a re-run replaces this directory's contents\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_jsonl(path: Path, rows) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,7 +328,7 @@ def main(argv: list[str]) -> int:
         "tuning": {key: tuning[key] for key in ("n", "target_drop", "delta", "certified", "choice", "settings")},
         "evaluation": rows,
     }
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     artefacts = [p for p in (training_png, reliability_png, out / "tune" / "pareto.png", chunks, out / "report.json")
                  if p]
     print("\nwrote " + ", ".join(str(p) for p in artefacts))

@@ -21,7 +21,6 @@ import functools
 import importlib.util
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -348,13 +347,9 @@ def _load_calibrator(model: str):
 
 def write_json(path: Path, payload: dict) -> Path:
     """Atomic: a reader never sees a half-written report, and a failure leaves any earlier file intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from distill.files import write_text_atomically
+
+    return write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_table(reports: list[EvalReport], reference: EvalReport) -> str:

@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -71,6 +69,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distill.errors import UserError
+from distill.files import replace_atomically, write_text_atomically
 
 TAU_GRID = (0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9, 0.87, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # paper §5.2
 K_MAX_GRID = (4, 8, 16)
@@ -275,22 +274,6 @@ def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float
 # Outputs: Pareto plot, report, generation config
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None], mode: int = 0o644) -> Path:
-    """write(tmp) next to `path`, then os.replace: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        tmp.chmod(mode)  # mkstemp creates 0600; these files are meant to be shared like the model itself
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def pareto_plot(path, settings: Sequence[dict], reference: dict, *, choice: dict | None = None,
                 target: float | None = None, title: str | None = None) -> Path:
     """Accuracy vs tokens/forward (left) and vs wall-clock tokens/s (right): one line per k_max over tau (annotated),
@@ -340,7 +323,7 @@ def pareto_plot(path, settings: Sequence[dict], reference: dict, *, choice: dict
         fig.savefig(tmp, format="png", dpi=120)
 
     try:
-        return _replace_atomically(Path(path), write)
+        return replace_atomically(Path(path), write)
     finally:
         plt.close(fig)
 
@@ -384,11 +367,7 @@ def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | N
     gen.mtp_tau = None if strategy == "selfspec" else float(tau)
     target = model_dir / GENERATION_CONFIG
     mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    return _replace_atomically(target, lambda tmp: gen.to_json_file(tmp), mode=mode)
-
-
-def _write_json(path: Path, obj) -> Path:
-    return _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+    return replace_atomically(target, lambda tmp: gen.to_json_file(tmp), mode=mode)
 
 
 def format_table(selection: dict) -> str:
@@ -606,7 +585,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float, delta: float, tau
     }
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    report_path = _write_json(report_dir / "report.json", report)
+    report_path = write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
     plot_path = pareto_plot(report_dir / "pareto.png", selection["settings"], ref_fields, choice=choice,
                             target=target_drop, title=title)
 
