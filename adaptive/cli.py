@@ -28,7 +28,7 @@ from distill.tokens import MTP_TOKEN, add_mtp_token
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_STRATEGY, DEFAULT_K_MAX, DEFAULT_TAU = "confadapt", 16, 0.9  # paper §4.2, §7.7
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_LOCAL = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K_LOCAL = REPO / "data" / "gsm8k" / "train.jsonl"  # GSM8K (MIT, openai/grade-school-math), carried by the repository
 
 
 class _Parser(argparse.ArgumentParser):

@@ -203,7 +203,7 @@ def main(argv: list[str]) -> int:
                      "tune tau for a certified accuracy drop, and compare decoding strategies on held-out questions.")
     parser.add_argument("--minutes", type=float, default=20.0, help="time budget on 2 CPU cores (default 20)")
     parser.add_argument("--output-dir", default="outputs/demo")
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL) if GSM8K_LOCAL.is_file() else "openai/gsm8k",
+    parser.add_argument("--dataset", default=str(GSM8K_LOCAL),
                         help="GSM8K-style data (local .jsonl or hub name); its last rows are held out")
     parser.add_argument("--target-drop", type=float, default=0.10,
                         help="accuracy drop vs k=1 the tuner must certify (default 0.10: a few dozen questions "

@@ -368,7 +368,7 @@ def main(argv: list[str]) -> int:
     from adaptive.decoder import MTPDecoder
     from adaptive.strategies import ConfAdapt, Static
 
-    default_dataset = str(GSM8K_TEST) if GSM8K_TEST.is_file() else "openai/gsm8k"
+    default_dataset = str(GSM8K_TEST)
     parser = _Parser(prog="mtp evaluate", description="GSM8K accuracy (flexible-extract, ± stderr), agreement with "
                      "k=1 decoding of the same checkpoint, tokens per forward and wall-clock speed of each strategy.")
     parser.add_argument("--model", required=True, help="MTP model directory (from mtp train / mtp export) or alias")

@@ -13,7 +13,7 @@ environment. An unknown key, in the file or on the command line, is an error: a 
 default.
 
 A relative dataset path is tried against the working directory first, then against the repository root, so the CPU
-recipe's `../shared/data/gsm8k/train.jsonl` works from anywhere inside the checkout. Without a dataset the GSM8K train
+recipe's `data/gsm8k/train.jsonl` works from anywhere inside the checkout. Without a dataset the GSM8K train
 split is used.
 
 The final model is written into `output_dir` (checkpoints stay in `output_dir/checkpoint-N`). It is staged in a
@@ -35,7 +35,7 @@ from pathlib import Path
 from distill.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = "../shared/data/gsm8k/train.jsonl"  # GSM8K train (the paper's data is GSM8K-train-derived, §3.1)
+DEFAULT_DATASET = "data/gsm8k/train.jsonl"  # GSM8K train (the paper's data is GSM8K-train-derived, §3.1)
 STAGING = ".final.partial"
 
 

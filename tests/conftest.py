@@ -17,7 +17,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K_TRAIN = REPO / "data" / "gsm8k" / "train.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +81,7 @@ def rigged_tiny_model(model_dir: str):
 
 @pytest.fixture(scope="session")
 def gsm8k_path() -> Path:
-    if not GSM8K_TRAIN.is_file():
-        pytest.skip(f"{GSM8K_TRAIN} not found")
+    assert GSM8K_TRAIN.is_file(), f"{GSM8K_TRAIN} is part of the repository and must be present"
     return GSM8K_TRAIN
 
 
