@@ -23,6 +23,11 @@ g_{j+1}, so the output is greedy decoding exactly. Only a and the accepted draft
 become attention-mask holes. If every draft was accepted, the masks were conditioned on the right tokens and their
 argmaxes are the next drafts; otherwise the next step has none.
 
+Span control (`k_max="auto"`, adaptive/controller.py). Every forward above appends k_max − 1 masks. With an auto
+strategy the number of masks K is chosen before each forward (0 … k_max − 1, one K for the batch) from the measured
+forward cost and the acceptance observed so far; K = 0 is plain next-token decoding. Everything above holds with the
+step's K in place of k_max − 1: ConfAdapt reads K + 1 positions, self-speculative proposes K drafts.
+
 Stop strings (lm-eval's `until`). After every step each row decodes only a short tail (the new tokens plus as many
 earlier tokens as the longest stop string has characters, and a little slack for multi-byte characters), so a stop
 string spread over several tokens is still found and the check costs microseconds. A row whose text now contains a
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from adaptive.controller import ForwardCost, SpanController
 from adaptive.strategies import SelfSpeculative
 from distill.errors import UserError
 from distill.tokens import get_mtp_token_id
@@ -60,6 +66,7 @@ class GenerationResult:
     token_ids: list[int]  # generated ids only, stop token included if emitted
     text: str  # decoded generated text, cut at the first stop token or just before the first stop string
     accepted_per_step: list[int]  # tokens committed by each forward pass
+    masks_per_step: list[int]  # <MTP> masks appended in each forward pass (k_max - 1 unless k_max is auto)
     forward_passes: int
     tokens_per_forward: float  # len(token_ids) / forward_passes
     prefill_seconds: float
@@ -93,12 +100,14 @@ class _Row:
     position: int = 0  # number of committed tokens = position of pending[0]
     generated: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)
+    masks_per_step: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     finished_at: float = 0.0
 
 
 class MTPDecoder:
-    def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, mask_token_id: int | None = None):
+    def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, mask_token_id: int | None = None,
+                 forward_cost=None):
         self.model = model
         self.tokenizer = tokenizer
         self.mask_token_id = int(mask_token_id) if mask_token_id is not None else get_mtp_token_id(model)
@@ -115,6 +124,14 @@ class MTPDecoder:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Optional hook called with a StepTrace after every forward; None in normal use.
         self.on_step: Callable[[StepTrace], None] | None = None
+        # c(q, b) in seconds for k_max="auto": measured on first use (adaptive/controller.py) unless given.
+        self._forward_cost = forward_cost
+
+    @property
+    def forward_cost(self) -> Callable[[int, int], float]:
+        if self._forward_cost is None:
+            self._forward_cost = ForwardCost(self.model, self.mask_token_id)
+        return self._forward_cost
 
     # ----------------------------------------------------------------------------------------------------------------
     def generate(self, input_ids: list[list[int]], strategy, max_new_tokens: int = 256,
@@ -184,14 +201,22 @@ class MTPDecoder:
 
     def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int,
                   stop_strings: list[str]) -> list[GenerationResult]:
-        K = strategy.k_max - 1  # masks appended to every forward
         speculative = isinstance(strategy, SelfSpeculative)
+        n_max = strategy.k_max - 1
+        controller = None
+        if getattr(strategy, "auto", False):
+            controller = SpanController(n_max, self.forward_cost, speculative=speculative)
         stops = set(self.stop_token_ids)
         rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]
+        active = list(range(len(rows)))
         start = time.perf_counter()
         prefill_seconds = 0.0
         step = 0
         while True:
+            K = n_max  # masks appended to this forward
+            if controller is not None:
+                K = controller.choose(max(len(rows[i].pending) for i in active), len(active),
+                                      [rows[i].drafts for i in active])
             if step == 0:  # prefill (§4.1 step 1): prompt ⊕ K masks; fixes the batch order `active`
                 active, logits, cache, attn = self._prefill(rows, K)
                 columns = 0
@@ -204,7 +229,8 @@ class MTPDecoder:
 
             # ---- accept: per-row span from the strategy, or draft verification --------------------------------------
             preds = logits.argmax(dim=-1).tolist()
-            counts = None if speculative else strategy.accept_counts(logits[:, -strategy.k_max :]).tolist()
+            counts = None if speculative else strategy.accept_counts(logits[:, -(K + 1) :]).tolist()
+            observed = []  # (mask positions kept, mask positions read) per row, for the controller
             now = time.perf_counter()
             if step == 0:
                 prefill_seconds = now - start
@@ -215,6 +241,7 @@ class MTPDecoder:
                     greedy = preds[b][n_keep - K - 1 - nd : n_keep - K]  # g_1 .. g_{nd+1}
                     drafts = r.pending[len(r.pending) - nd :]
                     j = SelfSpeculative.verify(drafts, greedy)
+                    observed.append((j, nd))
                     emitted = drafts[:j] + [greedy[j]]
                     if nd - j:  # rejected drafts: their KV stays in the cache but nobody may attend to it
                         attn[b, attn.shape[1] - (nd - j) :] = 0
@@ -222,7 +249,8 @@ class MTPDecoder:
                     next_drafts = preds[b][n_keep - K :] if j == nd else []
                     r.pending, r.drafts = [greedy[j]] + next_drafts, len(next_drafts)
                 else:
-                    emitted = preds[b][n_keep - strategy.k_max : n_keep - strategy.k_max + counts[b]]
+                    emitted = preds[b][n_keep - K - 1 : n_keep - K - 1 + counts[b]]
+                    observed.append((counts[b] - 1, K))
                     r.position += len(r.pending)
                     r.pending = emitted
                 # never exceed the budget; stop at (and keep) the first stop token
@@ -239,8 +267,11 @@ class MTPDecoder:
                 r.generated += emitted
                 r.tokens += emitted
                 r.accepted_per_step.append(len(emitted))
+                r.masks_per_step.append(K)
                 if r.finish_reason:
                     r.finished_at = now
+            if controller is not None:
+                controller.observe(observed)
             step += 1
 
             # ---- finished rows leave the batch; columns nobody attends to any more are dropped ---------------------
@@ -354,6 +385,7 @@ class MTPDecoder:
             token_ids=list(r.generated),
             text=text[: min(cuts)] if cuts else text,
             accepted_per_step=list(r.accepted_per_step),
+            masks_per_step=list(r.masks_per_step),
             forward_passes=forward_passes,
             tokens_per_forward=len(r.generated) / forward_passes if forward_passes else 0.0,
             prefill_seconds=prefill_seconds,

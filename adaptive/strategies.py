@@ -11,6 +11,10 @@ next-token prediction) followed by one per `<MTP>` mask. A strategy turns those 
   future-work item iii, §6.1). The verification itself lives in the decoder because it is tied to the KV protocol;
   this file only states the rule (`SelfSpeculative.verify`).
 
+`k_max="auto"` (ConfAdapt and SelfSpeculative): the number of masks appended becomes a per-step choice, bounded by
+k_max − 1 (`auto` = `auto:16`, `auto:N` another bound), made by the cost-aware controller of adaptive/controller.py
+from the measured forward cost and the observed acceptance; with a fixed k_max every forward appends k_max − 1 masks.
+
 Confidence is pluggable: a scorer maps logits [..., V] to a confidence [...]; the default is the top-1 softmax
 probability at temperature 1 (§4.2). A fitted calibrator can be passed in its place.
 """
@@ -43,6 +47,28 @@ def _check_k(value, what: str) -> int:
     return value
 
 
+def parse_k_max(value) -> tuple[int, bool]:
+    """k_max as given on a command line or in a config: an integer, "auto" (bound DEFAULT_K_MAX) or "auto:N".
+    Returns (bound, auto)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto" or text.startswith("auto:"):
+            bound = text[5:] or str(DEFAULT_K_MAX)
+            try:
+                return _check_k(int(bound), "the bound of k_max auto:N"), True
+            except ValueError:
+                raise UserError(f"k_max must be an integer, auto or auto:N, got {value!r}") from None
+        try:
+            value = int(text)
+        except ValueError:
+            raise UserError(f"k_max must be an integer, auto or auto:N, got {value!r}") from None
+    return _check_k(value, "k_max"), False
+
+
+def _k_max_label(k_max: int, auto: bool) -> str:
+    return f"auto:{k_max}" if auto else str(k_max)
+
+
 def _check_tau(tau) -> float:
     try:
         tau = float(tau)
@@ -57,6 +83,7 @@ class Static:
     """Accept exactly k tokens per forward (k_max = k)."""
 
     name = "static"
+    auto = False
 
     def __init__(self, k: int):
         self.k_max = _check_k(k, "k")
@@ -81,9 +108,9 @@ class ConfAdapt:
 
     name = "confadapt"
 
-    def __init__(self, tau: float, k_max: int, scorer: Scorer | None = None):
+    def __init__(self, tau: float, k_max: int | str, scorer: Scorer | None = None):
         self.tau = _check_tau(tau)
-        self.k_max = _check_k(k_max, "k_max")
+        self.k_max, self.auto = parse_k_max(k_max)
         if scorer is not None and not callable(scorer):
             raise UserError(f"scorer must be callable(logits) -> confidence, got {type(scorer).__name__}")
         self.scorer = scorer or top1_probability
@@ -91,18 +118,18 @@ class ConfAdapt:
     @property
     def label(self) -> str:
         calibrated = "" if self.scorer is top1_probability else ",calibrated"
-        return f"confadapt(tau={self.tau:g},k_max={self.k_max}{calibrated})"
+        return f"confadapt(tau={self.tau:g},k_max={_k_max_label(self.k_max, self.auto)}{calibrated})"
 
     def __repr__(self) -> str:
-        return f"ConfAdapt(tau={self.tau:g}, k_max={self.k_max})"
+        return f"ConfAdapt(tau={self.tau:g}, k_max={_k_max_label(self.k_max, self.auto)!r})"
 
     def accept_counts_from_confidence(self, confidence: torch.Tensor) -> torch.LongTensor:
-        """confidence [B, k_max] -> n = max{m >= 1 : c_j >= tau for all j <= m} (n = 1 if c_1 < tau)."""
+        """confidence [B, n] (n <= k_max positions read) -> n = max{m >= 1 : c_j >= tau for all j <= m} (n = 1 if c_1 < tau)."""
         run = (confidence >= self.tau).long().cumprod(dim=-1).sum(dim=-1)
         return run.clamp(min=1)
 
     def accept_counts(self, logits: torch.Tensor) -> torch.LongTensor:
-        """logits [B, k_max, V] -> number of tokens to accept per row [B]."""
+        """logits [B, n, V] (the n <= k_max positions read this forward) -> number of tokens to accept per row [B]."""
         confidence = self.scorer(logits)
         if confidence.shape != logits.shape[:-1]:
             raise UserError(f"scorer returned shape {tuple(confidence.shape)}, expected {tuple(logits.shape[:-1])}")
@@ -119,15 +146,15 @@ class SelfSpeculative:
 
     name = "selfspec"
 
-    def __init__(self, k_max: int):
-        self.k_max = _check_k(k_max, "k_max")
+    def __init__(self, k_max: int | str):
+        self.k_max, self.auto = parse_k_max(k_max)
 
     @property
     def label(self) -> str:
-        return f"selfspec(k_max={self.k_max})"
+        return f"selfspec(k_max={_k_max_label(self.k_max, self.auto)})"
 
     def __repr__(self) -> str:
-        return f"SelfSpeculative(k_max={self.k_max})"
+        return f"SelfSpeculative(k_max={_k_max_label(self.k_max, self.auto)!r})"
 
     @staticmethod
     def verify(drafts: list[int], greedy: list[int]) -> int:
@@ -146,7 +173,7 @@ def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, 
     """Build a strategy from command-line style values (`scorer`: ConfAdapt's confidence, e.g. a fitted calibrator).
 
     static: k (k_max accepted as a synonym). confadapt: tau (required) and k_max (k as a synonym; default 16).
-    selfspec: k_max (k as a synonym; default 16). A value a strategy does not use (tau for static) is ignored;
+    selfspec: k_max (k as a synonym; default 16). confadapt and selfspec also take k_max "auto" / "auto:N". A value a strategy does not use (tau for static) is ignored;
     two values that contradict each other (k=3, k_max=4 for static) are an error.
     """
     key = str(name).strip().lower()
@@ -154,8 +181,13 @@ def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, 
         raise UserError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     if k is not None:
         _check_k(k, "k")
-    if k_max is not None:
-        _check_k(k_max, "k_max")
+    if k_max is not None and parse_k_max(k_max)[1]:
+        if key == "static":
+            raise UserError("k_max auto chooses the masks per step: it is for confadapt and selfspec, not static")
+        if k is not None:
+            raise UserError(f"strategy {key}: k={k} and k_max={k_max} disagree")
+    elif k_max is not None:
+        k_max = parse_k_max(k_max)[0]
     if k is not None and k_max is not None and k != k_max:
         raise UserError(f"strategy {key} reads one span length per forward: k={k} and k_max={k_max} disagree")
     span = k if k is not None else k_max

@@ -1,0 +1,213 @@
+"""The cost-aware span controller (`k_max="auto"`, adaptive/controller.py): the decision rule on synthetic cost tables
+and acceptance, the online estimate and its probes, the cost table and its cache, and the decoder oracles with the
+number of masks chosen per step (self-speculative stays exactly greedy; ConfAdapt's every step is the rule applied to
+a from-scratch forward)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from adaptive.controller import (COST_QUERY_LENGTHS, PROBE_INTERVALS, PROBE_MASKS, ForwardCost, SpanController,
+                                 best_mask_count, cost_key)
+from adaptive.decoder import MTPDecoder
+from adaptive.strategies import ConfAdapt, SelfSpeculative, make_strategy, parse_k_max
+from distill.errors import UserError
+from tests.conftest import rigged_tiny_model
+from tests.test_decoder import N_NEW, RIG_TAU, check_against_from_scratch, hf_greedy
+
+CPU_COST = {1: 1.0, 2: 1.15, 3: 1.3, 4: 1.45, 5: 1.6}  # two CPU cores: every query token costs ~15 %
+
+
+def cpu_cost(q: int, b: int = 1) -> float:
+    return CPU_COST.get(q, 1.0 + 0.15 * (q - 1))
+
+
+def gpu_cost(q: int, b: int = 1) -> float:
+    return 1.0 + 0.001 * q  # batch 1 on a GPU: a query token is nearly free
+
+
+# ---------------------------------------------------------------------------------------------------- the rule
+
+
+def test_rule_chooses_no_mask_when_cost_is_steep_and_confidence_low():
+    assert best_mask_count([0.05, 0.01, 0.0], cpu_cost, pending=1) == 0
+
+
+def test_rule_chooses_every_mask_when_cost_is_flat_and_confidence_high():
+    assert best_mask_count([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65], gpu_cost, pending=1) == 7
+
+
+def test_rule_balances_gain_against_cost():
+    # P(run >= j) = 0.9, 0.5, 0.1 on the CPU table: (1+0.9)/1.15=1.65, (2.4)/1.3=1.85, (2.5)/1.45=1.72 -> 2 masks
+    assert best_mask_count([0.9, 0.5, 0.1], cpu_cost, pending=1) == 2
+    # a long pending segment makes masks relatively cheaper: c(L+n)/c(L) shrinks with L
+    linear = lambda q: 10.0 + q  # noqa: E731
+    assert best_mask_count([0.2, 0.05], linear, pending=1) == 1
+    assert best_mask_count([0.01], linear, pending=1) == 0
+
+
+def test_rule_counts_what_self_speculative_drafts_cost_twice():
+    reach = [0.3, 0.1]
+    assert best_mask_count(reach, cpu_cost, pending=1) == 1
+    assert best_mask_count(reach, cpu_cost, pending=1, verify_cost=lambda n: cpu_cost(1 + n) - cpu_cost(1)) == 0
+    assert best_mask_count(reach, cpu_cost, pending=1, take=0.0) == 0
+
+
+def test_rule_ignores_gains_within_measurement_noise():
+    flat = lambda q: 1.0  # noqa: E731
+    assert best_mask_count([0.001], flat, pending=1) == 0  # 0.1 % more tokens: not worth a query token
+    assert best_mask_count([0.5], flat, pending=1) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- the estimate
+
+
+def test_controller_drops_masks_that_are_never_kept_and_probes_with_backoff():
+    c = SpanController(7, lambda q, b: cpu_cost(q), speculative=False)
+    first = c.choose(pending=100, rows=1)  # prefill: masks are almost free
+    assert first >= 3  # the prior (each link 1/2) still buys several masks at a 1 %-per-token price
+    c.observe([(0, first)])
+    chosen = []
+    for _ in range(200):
+        n = c.choose(pending=1, rows=1)
+        chosen.append(n)
+        c.observe([(0, n)])
+    assert chosen[-1] == 0 and chosen.count(0) > 180
+    probes = [i for i, n in enumerate(chosen) if n > 0 and i > 10]
+    assert all(chosen[i] == PROBE_MASKS for i in probes)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] == PROBE_INTERVALS[-1]  # the interval doubles up to its cap
+
+
+def test_controller_keeps_masks_that_are_kept():
+    c = SpanController(7, lambda q, b: cpu_cost(q))
+    n = c.choose(pending=1, rows=4)
+    for _ in range(30):
+        c.observe([(n, n)] * 4)  # every row keeps every mask position
+        n = c.choose(pending=n + 1, rows=4)
+    assert n == 7
+    reach = c.reach()
+    assert reach[0] > 0.95 and reach == sorted(reach, reverse=True)
+
+
+def test_controller_finds_the_useful_span_length():
+    # Rows keep exactly 2 mask positions: P(run>=1)=P(run>=2)=1, P(run>=3)=0 -> the third mask is never worth it.
+    c = SpanController(7, lambda q, b: cpu_cost(q))
+    n = c.choose(pending=50, rows=1)
+    for _ in range(40):
+        c.observe([(min(2, n), n)])
+        n = c.choose(pending=1 + min(2, n), rows=1)
+    assert n == 2
+
+
+def test_a_probe_that_finds_accepted_masks_resets_the_interval():
+    c = SpanController(3, lambda q, b: cpu_cost(q))
+    for _ in range(60):
+        c.observe([(0, c.choose(pending=1, rows=1))])
+    assert c.probe > 0
+    while not c.probing:
+        c.choose(pending=1, rows=1)
+    c.observe([(PROBE_MASKS, PROBE_MASKS)])
+    assert c.probe == 0
+
+
+# ---------------------------------------------------------------------------------------------------- k_max values
+
+
+def test_k_max_auto_parsing_and_errors():
+    assert parse_k_max("auto") == (16, True)
+    assert parse_k_max("auto:4") == (4, True)
+    assert parse_k_max("8") == (8, False) and parse_k_max(8) == (8, False)
+    assert ConfAdapt(0.9, "auto:8").label == "confadapt(tau=0.9,k_max=auto:8)"
+    assert SelfSpeculative("auto").label == "selfspec(k_max=auto:16)"
+    assert make_strategy("confadapt", tau=0.9, k_max="auto").auto
+    for bad in ("auto:0", "auto:x", "sixteen", "auto:65"):
+        with pytest.raises(UserError, match="k_max|bound"):
+            parse_k_max(bad)
+    with pytest.raises(UserError, match="not static"):
+        make_strategy("static", k_max="auto")
+
+
+# ---------------------------------------------------------------------------------------------------- cost table
+
+
+def test_cost_table_is_measured_once_cached_and_keyed(rig, tmp_path):
+    model, _ = rig
+    lines = []
+    cache = tmp_path / "costs.json"
+    cost = ForwardCost(model, model.config.mtp_mask_token_id, cache_file=cache, log=lines.append)
+    c1, c8 = cost(1, 2), cost(8, 2)
+    assert 0 < c1 <= c8 and cost(100, 2) >= cost(64, 2)  # non-decreasing, extrapolated beyond the table
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [cost_key(model)] and len(stored[cost_key(model)]["2"]) == len(COST_QUERY_LENGTHS)
+    assert lines == []  # an empty cache is not worth a line
+
+    # a second decoder reads the table instead of measuring (a table of 1-second forwards proves it)
+    stored[cost_key(model)]["2"] = [1.0 + q for q in COST_QUERY_LENGTHS]
+    cache.write_text(json.dumps(stored))
+    again = ForwardCost(model, model.config.mtp_mask_token_id, cache_file=cache, log=lines.append)
+    assert again(3, 2) == 4.0 and again(7, 2) == 8.0
+
+    # a cache measured for another machine or model is ignored, re-measured, and said so in one line
+    foreign = {"other-model|torch.float32|sdpa|cpu16|torch9": {"2": [1.0] * len(COST_QUERY_LENGTHS)}}
+    cache.write_text(json.dumps(foreign))
+    fresh = ForwardCost(model, model.config.mtp_mask_token_id, cache_file=cache, log=lines.append)
+    assert fresh(1, 2) < 1.0 and len(lines) == 1 and "no table for this model and machine" in lines[0]
+    assert set(json.loads(cache.read_text())) == {cost_key(model), *foreign}
+
+
+# ---------------------------------------------------------------------------------------------------- decoder oracles
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rig(tiny_model_dir):
+    return rigged_tiny_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(100, 40000) for _ in range(n)] for n in (1, 3, 7, 12, 20, 33, 5, 9)]
+
+
+def test_selfspec_auto_equals_greedy_with_masks_chosen_per_step(rig, prompts):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, forward_cost=lambda q, b: cpu_cost(q))
+    reference = hf_greedy(model, prompts, N_NEW, decoder.stop_token_ids)
+    results = decoder.generate(prompts, SelfSpeculative("auto:6"), max_new_tokens=N_NEW)
+    assert [r.token_ids for r in results] == reference
+    masks = {m for r in results for m in r.masks_per_step}
+    assert len(masks) > 1 and max(masks) <= 5
+
+
+def test_confadapt_auto_every_step_is_the_rule_on_a_from_scratch_forward(rig, prompts):
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer, forward_cost=lambda q, b: cpu_cost(q))
+    traces = []
+    decoder.on_step = traces.append
+    strategy = ConfAdapt(RIG_TAU, "auto:6")
+    results = decoder.generate(prompts, strategy, max_new_tokens=N_NEW)
+    assert check_against_from_scratch(model, traces) > 0
+    masks = [m for r in results for m in r.masks_per_step]
+    assert len(set(masks)) > 1 and max(masks) <= 5
+    for r in results:  # a row commits at most one more token than the masks its step read
+        assert all(1 <= a <= m + 1 for a, m in zip(r.accepted_per_step, r.masks_per_step))
+    fixed = ConfAdapt(RIG_TAU, 6)
+    for trace in traces:  # the accept rule on each step's positions (the last K + 1 logits read)
+        for b, logits in enumerate(trace.logits):
+            expected = int(fixed.accept_counts(logits[None])[0])
+            row = results[trace.rows[b]]
+            if trace.step < len(row.accepted_per_step) - 1:  # the last step may be cut by the budget or a stop
+                assert row.accepted_per_step[trace.step] == expected
