@@ -1,8 +1,11 @@
 """`mtp bench-decode`: wall-clock tokens/s of each decoding strategy next to Hugging Face's own decoders.
 
-    mtp bench-decode [--model alias|DIR] [--prompts 16] [--max-new-tokens 32] [--batch-sizes 1,16] [--json]
+    mtp bench-decode [--model alias|DIR] [--prompts 16] [--max-new-tokens 32] [--batch-sizes 1,16]
+                     [--k-max 4,8,auto] [--json]
 
-k_max and tau default to the model's own MTP defaults (generation config / config.mtp_k_max), else 16 and 0.9.
+k_max and tau default to the model's own MTP defaults (generation config / config.mtp_k_max), else 16 and 0.9;
+`--k-max` takes a list (e.g. `4,8,auto`); without it the model's k_max and `auto` (the cost-aware controller,
+adaptive/controller.py) are measured.
 The prompts are the last rows of the GSM8K file, the rows `mtp demo` holds out of its training data.
 
 Same model, same prompts (the held-out tail of GSM8K, as one user turn of the chat template), same machine, one run
@@ -13,7 +16,9 @@ Same model, same prompts (the held-out tail of GSM8K, as one user turn of the ch
 * hf-prompt-lookup   `model.generate(prompt_lookup_num_tokens=10)`: HF assisted generation does not accept batches,
                      so at batch > 1 it runs row by row and is labelled `row-by-row` (its throughput is then a
                      batch-1 throughput, compared with batched greedy);
-* static(k=1), static(k=3), confadapt(tau, k_max), selfspec(k_max): `MTPDecoder` with the batch's rows ragged.
+* static(k=1), static(k=3), confadapt(tau, k_max), selfspec(k_max) for every k_max given: `MTPDecoder` with the
+  batch's rows ragged. Ratios are given against HF greedy and against this decoder's static(k=1) (plain next-token
+  decoding with the same code path: the speed a user loses or gains by turning MTP on).
 
 Tokens are counted per row up to and including the first stop token. For the lossless modes (static k=1, selfspec,
 prompt lookup) the table says whether each row's tokens equal HF greedy's at the same batch size; the lossy ones
@@ -135,8 +140,8 @@ def _run_mtp(decoder, strategy, prompts, batch_size, max_new_tokens):
     return rows, time.perf_counter() - start, forwards
 
 
-def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int], max_new_tokens: int, k_max: int,
-              tau: float, scorer=None, progress: bool = True) -> list[dict]:
+def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int], max_new_tokens: int,
+              k_max: int | str | list, tau: float, scorer=None, progress: bool = True) -> list[dict]:
     """Measure every mode at every batch size; one dict per (batch size, mode). `scorer`: ConfAdapt's confidence
     (the model's calibrator, so tau means what `mtp tune` certified)."""
     from adaptive.cli import stop_ids
@@ -146,8 +151,11 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
     stops = stop_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    strategies = [Static(1), Static(3), ConfAdapt(tau, k_max, scorer=scorer), SelfSpeculative(k_max)]
-    lossless = {"hf-greedy": True, "hf-prompt-lookup": True, "static(k=1)": True, strategies[3].label: True}
+    k_maxes = k_max if isinstance(k_max, list) else [k_max]
+    adaptive = [ConfAdapt(tau, k, scorer=scorer) for k in k_maxes] + [SelfSpeculative(k) for k in k_maxes]
+    strategies = [Static(1), Static(3)] + adaptive
+    lossless = {"hf-greedy": True, "hf-prompt-lookup": True, "static(k=1)": True}
+    lossless.update({s.label: True for s in strategies if isinstance(s, SelfSpeculative)})
     modes = ["hf-greedy", "hf-prompt-lookup"] + [s.label for s in strategies]
     by_label = {s.label: s for s in strategies}
     results = []
@@ -184,21 +192,25 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
             bar.update(1)
     bar.close()
     for b in batch_sizes:
-        base = next(r for r in results if r["batch_size"] == b and r["mode"] == "hf-greedy")["tokens_per_second"]
-        for r in results:
-            if r["batch_size"] == b:
-                r["ratio_vs_hf_greedy"] = r["tokens_per_second"] / base
+        at_b = [r for r in results if r["batch_size"] == b]
+        base = next(r for r in at_b if r["mode"] == "hf-greedy")["tokens_per_second"]
+        plain = next(r for r in at_b if r["mode"] == "static(k=1)")["tokens_per_second"]
+        for r in at_b:
+            r["ratio_vs_hf_greedy"] = r["tokens_per_second"] / base
+            r["ratio_vs_k1"] = r["tokens_per_second"] / plain
     return results
 
 
 def format_table(results: list[dict]) -> str:
     width = max([30] + [len(r["mode"]) for r in results])
-    header = f"{'batch':>5}  {'mode':<{width}} {'tok/s':>8} {'x greedy':>8} {'tok/fwd':>7} {'= greedy':>9}  note"
+    header = (f"{'batch':>5}  {'mode':<{width}} {'tok/s':>8} {'x greedy':>8} {'x k=1':>6} {'tok/fwd':>7} "
+              f"{'= greedy':>9}  note")
     lines = [header, "-" * len(header)]
     for r in results:
         eq = r["equal_to_hf_greedy"] + ("" if r["lossless"] else "*")
         lines.append(f"{r['batch_size']:>5}  {r['mode']:<{width}} {r['tokens_per_second']:>8.1f} "
-                     f"{r['ratio_vs_hf_greedy']:>8.2f} {r['tokens_per_forward']:>7.2f} {eq:>9}  {r['note']}")
+                     f"{r['ratio_vs_hf_greedy']:>8.2f} {r['ratio_vs_k1']:>6.2f} {r['tokens_per_forward']:>7.2f} "
+                     f"{eq:>9}  {r['note']}")
     lines.append("* lossy mode: agreement with greedy shown for information only")
     return "\n".join(lines)
 
@@ -220,7 +232,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 def main(argv: list[str]) -> int:
     from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
-    from adaptive.strategies import ConfAdapt
+    from adaptive.strategies import ConfAdapt, parse_k_max
 
     parser = _Parser(prog="mtp bench-decode", description="tokens/s of each strategy vs HF greedy and prompt lookup")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -228,7 +240,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,16")
-    parser.add_argument("--k-max", type=int, help="confadapt/selfspec k_max (default: the model's, else 16)")
+    parser.add_argument("--k-max", help="confadapt/selfspec k_max values, comma-separated, each an integer, auto or "
+                                        "auto:N (default: the model's, else 16, and auto)")
     parser.add_argument("--tau", type=float, help="confadapt threshold (default: the model's, else 0.9)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -243,9 +256,13 @@ def main(argv: list[str]) -> int:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     batch_sizes = _batch_sizes(args.batch_sizes)
     defaults = mtp_defaults(args.model)
-    args.k_max = args.k_max if args.k_max is not None else defaults["k_max"]
     args.tau = args.tau if args.tau is not None else defaults["tau"]
-    ConfAdapt(args.tau, args.k_max)  # validate before the (slow) model load
+    k_maxes = [k.strip() for k in str(args.k_max or defaults["k_max"]).split(",") if k.strip()]
+    for k in k_maxes:
+        ConfAdapt(args.tau, k)  # validate before the (slow) model load
+    k_maxes = [k if parse_k_max(k)[1] else parse_k_max(k)[0] for k in k_maxes]
+    if args.k_max is None and not any(parse_k_max(k)[1] for k in k_maxes):
+        k_maxes.append(f"auto:{max(k_maxes)}")  # by default the controller runs beside the model's fixed k_max
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     questions = held_out_questions(args.dataset, args.prompts)
@@ -254,12 +271,12 @@ def main(argv: list[str]) -> int:
     from adaptive.calibration import load_calibrator
 
     results = run_bench(model, tokenizer, questions, batch_sizes=batch_sizes, max_new_tokens=args.max_new_tokens,
-                        k_max=args.k_max, tau=args.tau, scorer=load_calibrator(args.model), progress=True)
+                        k_max=k_maxes, tau=args.tau, scorer=load_calibrator(args.model), progress=True)
     doc = {
         "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "dtype": args.dtype, "prompts": args.prompts,
-        "max_new_tokens": args.max_new_tokens, "batch_sizes": batch_sizes, "k_max": args.k_max, "tau": args.tau,
+        "max_new_tokens": args.max_new_tokens, "batch_sizes": batch_sizes, "k_max": k_maxes, "tau": args.tau,
         "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS, "results": results,
     }
     if args.json:

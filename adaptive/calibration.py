@@ -679,7 +679,9 @@ def main(argv: list[str]) -> int:
     from adaptive.cli import load_mtp_model, mtp_defaults, stop_ids
     from adaptive.decoder import MTPDecoder
 
-    k_max = args.k_max or mtp_defaults(str(model_dir))["k_max"]
+    from adaptive.strategies import parse_k_max
+
+    k_max = args.k_max or parse_k_max(mtp_defaults(str(model_dir))["k_max"])[0]  # auto:N -> its bound N
     if not 2 <= k_max <= MAX_K:
         raise UserError(f"the model's k_max is {k_max}; pass --k-max in [2, {MAX_K}]")
     questions = _held_out_questions(args.dataset, args.split, args.n)

@@ -82,9 +82,12 @@ def mtp_defaults(name_or_path: str) -> dict:
         k_max_trained = getattr(AutoConfig.from_pretrained(path), "mtp_k_max", None)
     except (OSError, ValueError):
         k_max_trained = None
+    tuned = getattr(gen, "mtp_k_max", None)
     return {
         "strategy": getattr(gen, "mtp_strategy", None) or DEFAULT_STRATEGY,
-        "k_max": int(getattr(gen, "mtp_k_max", None) or k_max_trained or DEFAULT_K_MAX),
+        # a k_max the tuner or export fixed; otherwise the controller chooses, bounded by the trained k_max
+        "k_max": (tuned if isinstance(tuned, str) else int(tuned)) if tuned else
+                 f"auto:{int(k_max_trained or DEFAULT_K_MAX)}",
         "tau": float(getattr(gen, "mtp_tau", None) or DEFAULT_TAU),
     }
 
@@ -165,7 +168,9 @@ def generate_main(argv: list[str]) -> int:
                         help="default: the model's generation config, else confadapt")
     parser.add_argument("--k", type=int, help="static: tokens per forward pass")
     parser.add_argument("--tau", type=float, help="confadapt: confidence threshold in (0, 1]")
-    parser.add_argument("--k-max", type=int, help="confadapt/selfspec: positions read per forward pass")
+    parser.add_argument("--k-max", help="confadapt/selfspec: positions read per forward pass (an integer), or auto / "
+                                        "auto:N: masks chosen per step from the measured forward cost and the "
+                                        "acceptance so far, at most N - 1 (default: the model's, else auto)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as-is, no chat template")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -326,9 +326,9 @@ def parse_strategies(spec: str, defaults: dict) -> list:
                 strategy = make_strategy(name, k=int(values[0]))
             elif name == "confadapt":
                 tau = float(values[0]) if values else defaults["tau"]
-                strategy = make_strategy(name, tau=tau, k_max=int(values[1]) if len(values) > 1 else defaults["k_max"])
+                strategy = make_strategy(name, tau=tau, k_max=values[1] if len(values) > 1 else defaults["k_max"])
             else:
-                strategy = make_strategy(name, k_max=int(values[0]) if values else defaults["k_max"])
+                strategy = make_strategy(name, k_max=values[0] if values else defaults["k_max"])
         except ValueError:
             raise UserError(f"--strategies item {item.strip()!r}: K and K_MAX must be integers, TAU a number") from None
         if strategy.label not in labels:

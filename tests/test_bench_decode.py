@@ -40,6 +40,19 @@ def test_bench_decode_json(tiny_model_dir, gsm8k_path, capsys):
     assert table.count("\n") == len(rows) + 2 and "row-by-row" in table
 
 
+def test_bench_decode_k_max_list_with_auto(tiny_model_dir, gsm8k_path, capsys):
+    rc = mtp_main(["bench-decode", "--model", tiny_model_dir, "--dataset", str(gsm8k_path), "--prompts", "2",
+                   "--max-new-tokens", "4", "--batch-sizes", "2", "--k-max", "4,auto:3", "--tau", "0.5", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    modes = [r["mode"] for r in doc["results"]]
+    assert modes == ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4)",
+                     "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=4)", "selfspec(k_max=auto:3)"]
+    by = {r["mode"]: r for r in doc["results"]}
+    assert by["static(k=1)"]["ratio_vs_k1"] == 1.0 and by["selfspec(k_max=auto:3)"]["equal_to_hf_greedy"] == "2/2"
+    assert doc["k_max"] == [4, "auto:3"]
+
+
 def test_held_out_questions_are_the_tail(gsm8k_path):
     lines = gsm8k_path.read_text().splitlines()
     assert held_out_questions(gsm8k_path, 2) == [json.loads(x)["question"] for x in lines[-2:]]
@@ -50,6 +63,7 @@ def test_held_out_questions_are_the_tail(gsm8k_path):
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["--tau", "0"], "tau"),
     (["--dataset", "/nonexistent.jsonl"], "does not exist"),
+    (["--k-max", "4,banana"], "k_max"),
 ])
 def test_bench_decode_bad_input(tiny_model_dir, capsys, argv, message):
     rc = mtp_main(["bench-decode", "--model", tiny_model_dir, *argv])
