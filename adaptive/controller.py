@@ -31,7 +31,7 @@ it, and a row uses new drafts only if all of its current drafts are verified. It
 (B + Σ_rows P(row takes new drafts) · E[extra]) / (c(L + n, b) + c(1 + n, b) − c(1, b)).
 
 The cost table c(q, b) is measured once per machine (a second or two: a few forwards per query length at a fixed
-context, the minimum of repeats) and cached in `$MTP_SELFDISTILL_CACHE/forward_costs.json` under a key naming what
+context, the minimum of repeats) and cached in `$MTP_SELFDISTILL_CACHE/forward_costs.json` (or `$MTP_FORWARD_COST_CACHE`) under a key naming what
 it depends on — architecture and size, dtype, device, torch threads, torch version — so a distilled checkpoint reuses
 the table of its base model and a table from another machine is never used.
 """
@@ -41,6 +41,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -201,9 +202,11 @@ class ForwardCost:
 
 
 def default_cache_file() -> Path:
+    """$MTP_FORWARD_COST_CACHE, else forward_costs.json in the model cache ($MTP_SELFDISTILL_CACHE)."""
     from distill.models import cache_root
 
-    return cache_root() / COST_FILE
+    env = os.environ.get("MTP_FORWARD_COST_CACHE")
+    return Path(env).expanduser() if env else cache_root() / COST_FILE
 
 
 def cost_key(model) -> str:

@@ -11,7 +11,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile
 from pathlib import Path
+
+# Forward-cost tables of tiny test models stay out of the user's cache (adaptive/controller.py).
+os.environ.setdefault("MTP_FORWARD_COST_CACHE", str(Path(tempfile.mkdtemp(prefix="mtp-costs-")) / "forward_costs.json"))
 
 import pytest
 import torch
