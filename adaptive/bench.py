@@ -218,6 +218,24 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _device(name: str) -> torch.device:
+    """--device as a torch.device; UserError for a name torch does not know or a device this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
 def main(argv: list[str]) -> int:
     from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
     from adaptive.strategies import ConfAdapt
@@ -246,8 +264,7 @@ def main(argv: list[str]) -> int:
     args.k_max = args.k_max if args.k_max is not None else defaults["k_max"]
     args.tau = args.tau if args.tau is not None else defaults["tau"]
     ConfAdapt(args.tau, args.k_max)  # validate before the (slow) model load
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = _device(args.device)
     questions = held_out_questions(args.dataset, args.prompts)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=True)  # untrained conversions are measured too
     model.to(device)
