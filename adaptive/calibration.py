@@ -733,8 +733,10 @@ def main(argv: list[str]) -> int:
 def _require_trained_mtp(model_dir: Path) -> None:
     from transformers import AutoConfig
 
+    from distill.models import read_config
     from distill.tokens import MTP_TOKEN
 
+    read_config(model_dir)  # a config that is not a model config is reported as such
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
