@@ -7,7 +7,9 @@ Accepted names:
   * a local directory in Hugging Face format (e.g. a checkpoint written by `mtp train` / `mtp export`);
   * a hub id (`Qwen/Qwen3-4B-Instruct-2507`), loaded by transformers as usual when online.
 
-Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it.
+Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it. A local
+directory's config.json is read first (`read_config`: a JSON object naming an architecture transformers knows), so a
+wrong config is reported as a config error, and a truncated weights file or an unusable config is one UserError.
 MTP packing gives every slot the position of its source token (paper §1.3), so a model must take `position_ids`
 (`check_position_ids`); under a live ZeRO-3 config `full_weights()` loads whole tensors for the trainer to edit.
 """
