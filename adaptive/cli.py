@@ -126,7 +126,7 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, object]]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends sit inside strings
         if not line.strip():
             continue
         try:

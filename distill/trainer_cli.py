@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     from trl import get_peft_config
 
+    from distill.data import load_examples
     from distill.models import load_tokenizer
     from distill.trainer import MTPDistillTrainer
 
@@ -305,6 +306,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     resume = _resume_target(config)
     old_run = _check_output_dir(config, resuming=resume is not None)
     config.dataset_name = resolve_dataset(config.dataset_name)
+    # The data is read and checked (columns, empty or null rows, bad lines) before the slow model load; the trainer
+    # reads it again from the datasets cache.
+    load_examples(config.dataset_name, config.dataset_split, question_column=config.question_column,
+                  answer_column=config.answer_column)
 
     # The model goes to the trainer by name, loaded with these kwargs (TRL's model_init_kwargs convention); keys the
     # recipe sets in model_init_kwargs win over the ModelConfig fields, except trust_remote_code (parse_args).

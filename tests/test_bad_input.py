@@ -502,3 +502,18 @@ def test_tool_markers_name_their_command(tmp_path):
     assert created_by(legacy) == "mtp demo"
     (tmp_path / "x").write_text("x")
     assert check_replaceable_dir(tmp_path, command="mtp demo", flag="--o", overwrite=True) == tmp_path.resolve()
+
+
+def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
+    """The checks that name a bad line split on "\\n" only: U+2028 / U+0085 inside a string are valid JSON lines."""
+    from adaptive.cli import read_prompts
+    from distill.data import load_examples
+
+    rows = [{"question": "a\u2028b", "answer": "c\x85d"}, {"question": "e", "answer": "f\u2029g"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ds = load_examples(str(path))
+    assert ds["query"] == ["a\u2028b", "e"] and ds["response"] == ["c\x85d", "f\u2029g"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "x\u2028y"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_prompts(None, str(prompts)) == ["x\u2028y"]
