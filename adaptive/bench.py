@@ -230,6 +230,24 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _device(name: str) -> torch.device:
+    """--device as a torch.device; UserError for a name torch does not know or a device this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
 def main(argv: list[str]) -> int:
     from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
     from adaptive.strategies import ConfAdapt, parse_k_max
@@ -263,8 +281,7 @@ def main(argv: list[str]) -> int:
     k_maxes = [k if parse_k_max(k)[1] else parse_k_max(k)[0] for k in k_maxes]
     if args.k_max is None and not any(parse_k_max(k)[1] for k in k_maxes):
         k_maxes.append(f"auto:{max(k_maxes)}")  # by default the controller runs beside the model's fixed k_max
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = _device(args.device)
     questions = held_out_questions(args.dataset, args.prompts)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=True)  # untrained conversions are measured too
     model.to(device)

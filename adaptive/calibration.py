@@ -673,8 +673,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--model {args.model} is not a model directory")
     _require_trained_mtp(model_dir)
     output = Path(args.output).expanduser() if args.output else model_dir
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a directory")
+    from distill.files import check_output_dir
+
+    check_output_dir(output, "--output")  # before the decoding, not after it
 
     from adaptive.cli import load_mtp_model, mtp_defaults, stop_ids
     from adaptive.decoder import MTPDecoder
@@ -734,8 +735,10 @@ def main(argv: list[str]) -> int:
 def _require_trained_mtp(model_dir: Path) -> None:
     from transformers import AutoConfig
 
+    from distill.models import read_config
     from distill.tokens import MTP_TOKEN
 
+    read_config(model_dir)  # a config that is not a model config is reported as such
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:

@@ -3,7 +3,8 @@
 A `GenerationResult` records the generated ids and how many were committed by each forward (`accepted_per_step`);
 consecutive slices of those sizes are the chunks. Two renderings:
 
-* terminal: chunks in alternating ANSI background colours, or `[chunk]` brackets when colour is off (not a TTY);
+* terminal: chunks in alternating ANSI background colours, or `[chunk]` brackets when colour is off (not a TTY); on
+  a TTY the model's own control characters are shown escaped, never sent raw;
 * HTML: a self-contained page, one coloured span per chunk with its size as a superscript and a tooltip, and a
   legend with the mean tokens per forward pass.
 
@@ -15,6 +16,7 @@ two chunks (multi-byte UTF-8 in byte-level BPE) is shown once, in the chunk that
 from __future__ import annotations
 
 import html
+import unicodedata
 from pathlib import Path
 
 from distill.files import write_text_atomically
@@ -66,12 +68,21 @@ def chunk_pieces(result, tokenizer, stop_token_ids=()) -> list[tuple[str, int, b
     return pieces
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with control characters (ESC, BEL, CR, C1 codes, ... but not newline and tab) shown as `\\xNN` escapes,
+    so model output cannot move the cursor, retitle or reprogram the user's terminal."""
+    return "".join(f"\\x{ord(ch):02x}" if ch not in "\n\t" and unicodedata.category(ch) == "Cc" else ch
+                   for ch in text)
+
+
 def render_terminal(result, tokenizer, *, color: bool, stop_token_ids=()) -> str:
-    """The generated text with each forward pass's chunk coloured (or bracketed when `color` is False)."""
+    """The generated text with each forward pass's chunk coloured (or bracketed when `color` is False). Coloured
+    output goes to a terminal: its control characters are escaped (`terminal_safe`)."""
     out = []
     for i, (text, _, has_stop) in enumerate(chunk_pieces(result, tokenizer, stop_token_ids)):
         mark = STOP_MARK if has_stop else ""
         if color:
+            text = terminal_safe(text)
             bg = ANSI_BACKGROUNDS[i % 2]
             # Re-open the colour after each newline so the background does not bleed across the line.
             body = text.replace("\n", f"{ANSI_RESET}\n{bg}")

@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool = False):
     """(model, tokenizer) in eval mode. A model without <MTP> (config.mtp_mask_token_id) is an error, unless
     `convert`: then an untrained <MTP> is added, with a one-line warning (bench-decode measures such conversions)."""
-    from distill.models import check_position_ids, resolve_model_path
+    from distill.models import check_position_ids, read_config, resolve_model_path
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -51,7 +51,7 @@ def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool =
                         "`mtp train`, or pass --add-mtp-token to try an untrained conversion")
     tokenizer = load_tokenizer(name_or_path)
     config_file = Path(resolve_model_path(name_or_path)) / "config.json"
-    if not convert and config_file.is_file() and json.loads(config_file.read_text()).get("mtp_mask_token_id") is None:
+    if not convert and config_file.is_file() and read_config(config_file.parent).get("mtp_mask_token_id") is None:
         raise not_mtp  # before loading the weights
     model = load_model(name_or_path, dtype=DTYPES[dtype])
     check_position_ids(model)
@@ -125,7 +125,11 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, object]]:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends sit inside strings
         if not line.strip():
             continue
         try:
@@ -149,6 +153,10 @@ def read_prompts(prompts: list[str] | None, batch_file: str | None) -> list[str]
     for p in out:
         if not p.strip():
             raise UserError("empty prompt")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+            raise UserError(f"prompt {p[:40]!r} is not valid UTF-8 text") from None
     return out
 
 
@@ -189,8 +197,10 @@ def generate_main(argv: list[str]) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.html and Path(args.html).is_dir():
-        raise UserError(f"--html {args.html} is a directory")
+    if args.html:
+        from distill.files import check_output_file
+
+        check_output_file(args.html, "--html")  # before the decoding, not after it
     from adaptive.calibration import load_calibrator
 
     scorer = None if args.no_calibration else load_calibrator(args.model)

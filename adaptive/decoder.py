@@ -28,6 +28,9 @@ strategy the number of masks K is chosen before each forward (0 … k_max − 1,
 forward cost and the acceptance observed so far; K = 0 is plain next-token decoding. Everything above holds with the
 step's K in place of k_max − 1: ConfAdapt reads K + 1 positions, self-speculative proposes K drafts.
 
+Context. A prompt plus max_new_tokens plus the k_max - 1 mask positions must fit the model's
+`max_position_embeddings`; anything longer is refused before the first forward, never truncated silently.
+
 Stop strings (lm-eval's `until`). After every step each row decodes only a short tail (the new tokens plus as many
 earlier tokens as the longest stop string has characters, and a little slack for multi-byte characters), so a stop
 string spread over several tokens is still found and the check costs microseconds. A row whose text now contains a
@@ -154,6 +157,7 @@ class MTPDecoder:
                 raise UserError("cannot decode an empty prompt")
             if min(ids) < 0 or max(ids) >= self.vocab_rows:
                 raise UserError(f"prompt token id outside the vocabulary [0, {self.vocab_rows})")
+        _check_context(self.model.config, max(map(len, rows)), max_new_tokens, k_max)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -392,6 +396,23 @@ class MTPDecoder:
             decode_seconds=max(r.finished_at - decode_start, 0.0),
             finish_reason=r.finish_reason or "length",
         )
+
+
+def _check_context(config, prompt_len: int, max_new_tokens: int, k_max: int) -> None:
+    """UserError when the longest prompt, the new tokens and the k_max - 1 mask positions read after them would run
+    past the model's context (`max_position_embeddings`): positions beyond it are never trained and decode silently
+    into noise. Nothing is truncated behind the user's back."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    if prompt_len >= limit:
+        raise UserError(f"prompt of {prompt_len} tokens does not fit the model's context of {limit} positions; "
+                        "shorten it")
+    need = prompt_len + max_new_tokens + k_max - 1
+    if need > limit:
+        raise UserError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} + {k_max - 1} mask positions "
+                        f"= {need} exceeds the model's context of {limit} positions; use max_new_tokens <= "
+                        f"{max(limit - prompt_len - k_max + 1, 0)} or a shorter prompt")
 
 
 def _check_stop_strings(stop_strings) -> list[str]:

@@ -36,10 +36,10 @@ from pathlib import Path
 
 from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
 from distill.errors import UserError
-from distill.files import write_text_atomically
+from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
-DEMO_MARKER = ".mtp-demo"  # marks a directory the demo created, so a re-run may replace it and nothing else
+DEMO_MARKER = CREATED_MARKER  # marks a directory the demo created, so a re-run may replace it and nothing else
 # Shares of the time budget: training 40%; tuning may start settings until 70% of the budget is spent (it always
 # evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
 TRAIN_SHARE = 0.4
@@ -91,13 +91,15 @@ class Plan:
 
 
 def _claim_demo_dir(out: Path) -> None:
-    """The demo only ever writes inside a directory it created (marked), so a re-run cannot clobber user files."""
+    """The demo only ever writes inside a directory it created (the marker of distill/files.py, shared with
+    `mtp export`), so a re-run cannot clobber user files."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and created_by(out) != "mtp demo":
         raise UserError(f"{out} exists and was not created by `mtp demo`; choose another --output-dir")
+    check_writable(out, "--output-dir")
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("created by `mtp demo`; a re-run replaces this directory's contents\n")
+    mark_created(out, "mtp demo")
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -147,6 +149,9 @@ def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
          "--logging_steps", str(plan.logging_steps), "--eval_fraction", "0"],
         callbacks=_demo_callbacks(plan.train_seconds),
     )
+    if not (model_dir / "config.json").is_file():  # SIGTERM: a checkpoint was saved, the model was not
+        raise UserError(f"training stopped before the model was saved (SIGTERM?); nothing after it ran. Re-run "
+                        "`mtp demo` to start again")
 
 
 def training_plot(model_dir: Path, path: Path) -> Path | None:

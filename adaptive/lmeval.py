@@ -156,7 +156,7 @@ class MTPLM(TemplateLM):
                     raise UserError("mtp decodes greedily; this task asks for sampling (do_sample / temperature > 0)")
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
                 budget = kwargs.pop("max_gen_toks")
-                room = self.max_length - budget
+                room = self.max_length - budget - (self.strategy.k_max - 1)  # the decoder reads k_max - 1 masks ahead
                 if room < 1:
                     raise UserError(f"mtp: max_gen_toks {budget} leaves no room for the prompt in {self.max_length}")
                 contexts = {i: self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in indices}

@@ -498,8 +498,9 @@ def main(argv: list[str]) -> int:
     if not args.no_write:
         _read_generation_config(model_dir)  # a corrupt file fails now, not after the sweep
     report_dir = Path(args.report_dir).expanduser() if args.report_dir else model_dir / "tune"
-    if report_dir.exists() and not report_dir.is_dir():
-        raise UserError(f"--report-dir {report_dir} exists and is not a directory")
+    from distill.files import check_output_dir
+
+    check_output_dir(report_dir, "--report-dir")  # before the sweep, not after it
     level = args.delta / len(k_maxes)
     if args.min_speed is None and args.n < min_certifiable_n(args.target_drop, level):
         print(f"warning: with --n {args.n} nothing can be certified (zero regressions give p = "

@@ -54,7 +54,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def commit(staged: str, final: str) -> None:
-    """Move a fully written checkpoint to its final name (one rename). A checkpoint of the same step is replaced."""
+    """Move a fully written checkpoint to its final name (one rename). A checkpoint of the same step is replaced.
+    Its files get the user's umask first (savers create some of them 0600)."""
+    from distill.files import share_files
+
+    share_files(staged)
     if os.path.exists(final):  # e.g. a preemption right after resuming saves the same step again
         old = os.path.join(os.path.dirname(final), f"{STAGING_PREFIX}old-{os.path.basename(final)}")
         shutil.rmtree(old, ignore_errors=True)

@@ -44,8 +44,8 @@ def _usage() -> str:
 
 
 def _quiet_environment() -> None:
-    # wandb stays offline unless the user says otherwise.
-    os.environ.setdefault("WANDB_MODE", "offline")
+    # wandb stays offline unless the user says otherwise: `mtp train` sets WANDB_MODE=offline when it reports to wandb
+    # (distill/trainer.py), so no other command announces an offline wandb it never uses.
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     # DeepSpeed (imported by transformers/accelerate) falls back to the CPU accelerator by itself but warns on every
     # command; name it up front when there is no GPU.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distill.errors import UserError
+from distill.files import first_line
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Hub datasets that need a config name.
@@ -31,6 +32,9 @@ KNOWN_COLUMNS = [("question", "answer"), ("query", "response")]
 # seed question on one side (§3.1, "stratified by seed question"), so this column is kept as the split group.
 GROUP_COLUMN = "original_question"
 FORMATS = ("auto", "chat", "plain")
+# Local JSON files up to this size are read once up front, so a bad line is named (datasets' own message is not);
+# larger ones go straight to datasets.
+JSON_PRECHECK_BYTES = 256 * 2**20
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -48,15 +52,59 @@ def _load_raw(name_or_path: str, split: str):
         builder = LOCAL_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"unsupported dataset file {path.name}; use .json, .jsonl or .parquet")
+        if path.stat().st_size == 0:
+            raise UserError(f"dataset file {path} is empty")
+        if builder == "json" and path.stat().st_size <= JSON_PRECHECK_BYTES:
+            _check_json_file(path)  # names the bad line; datasets' own message does not
         try:  # a local file is a single split; `split` only selects hub splits
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:  # malformed JSON / parquet surfaces as several different exception types
-            raise UserError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
+            raise UserError(f"cannot read {path}: {first_line(exc)}") from exc
     try:
         return datasets.load_dataset(name_or_path, HUB_CONFIGS.get(name_or_path), split=split)
     except Exception as exc:  # offline mode, unknown repo, bad split: one line for the user
-        raise UserError(f"cannot load dataset {name_or_path!r} (split {split!r}): "
-                        f"{str(exc).strip().splitlines()[0]}") from exc
+        raise UserError(f"cannot load dataset {name_or_path!r} (split {split!r}): {first_line(exc)}") from exc
+
+
+def _check_json_file(path: Path) -> None:
+    """UserError naming the problem (and the line) unless `path` is UTF-8 text holding one JSON document or one JSON
+    object per non-blank line."""
+    import json
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read {path}: not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise UserError(f"dataset file {path} is empty")
+    try:
+        json.loads(text)
+        return  # one JSON document (a list of rows, or a single row)
+    except ValueError:
+        pass
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends sit inside strings
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"cannot read {path}: line {lineno} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"cannot read {path}: line {lineno} is a JSON {type(row).__name__}, not an object")
+
+
+def _check_text_column(ds, column: str, name_or_path: str) -> None:
+    """UserError naming the first row whose value in `column` is missing (null) or not a string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = ds.data.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
+        raise UserError(f"dataset {name_or_path}: column {column!r} must hold text, it holds {values.type}")
+    if values.null_count:
+        first = int(np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))[0])
+        raise UserError(f"dataset {name_or_path}: row {first} (0-based) has no {column!r} (null); {values.null_count} "
+                        "row(s) lack it: drop or fill them")
 
 
 def load_examples(name_or_path: str, split: str = "train", *, question_column: str | None = None,
@@ -77,6 +125,10 @@ def load_examples(name_or_path: str, split: str = "train", *, question_column: s
             raise UserError(f"dataset {name_or_path} has no column {col!r}; columns are {columns}")
     if question_column == answer_column:
         raise UserError("question_column and answer_column must differ")
+    if len(ds) == 0:
+        raise UserError(f"dataset {name_or_path} has no rows")
+    for col in (question_column, answer_column):
+        _check_text_column(ds, col, name_or_path)
     keep = {question_column: "query", answer_column: "response"}
     if GROUP_COLUMN in columns and GROUP_COLUMN not in keep:
         keep[GROUP_COLUMN] = "group"

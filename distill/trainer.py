@@ -143,8 +143,6 @@ class MTPDistillConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        # wandb never needs a network unless the user asks for one.
-        os.environ.setdefault("WANDB_MODE", "offline")
         cuda = torch.cuda.is_available()
         if not cuda:
             self.use_cpu = True
@@ -156,8 +154,19 @@ class MTPDistillConfig(TrainingArguments):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         self._check()
         super().__post_init__()
+        if "wandb" in (self.report_to or []):  # wandb never needs a network unless the user asks for one
+            os.environ.setdefault("WANDB_MODE", "offline")
 
     def _check(self) -> None:
+        import math
+
+        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                     "warmup_ratio", "prefix_ntp_weight", "student_entropy_beta", "num_train_epochs"):
+            value = getattr(self, name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value}")
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.k_min < 2 or self.k_max < self.k_min:
             raise UserError(f"need 2 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
         prefix_len(self.seq_len, self.num_regions, self.k_max)  # UserError when k_max does not fit a region

@@ -22,8 +22,12 @@ opens first: a crash mid-save never leaves something that looks like a complete 
 
 Runs on a cluster (distill/checkpoints.py): `--resume` continues from the newest complete checkpoint (read back first;
 a damaged one is an error), `--resume_from_checkpoint auto` does so only when there is one (what a requeued job
-passes), an output_dir holding an earlier run is never trained over unless asked (`--overwrite_output_dir true`), and
-SIGTERM saves a checkpoint and exits 0 without writing the final model.
+passes), an output_dir holding an earlier run is never trained over unless asked (`--overwrite_output_dir true`: its
+checkpoints are removed only after the recipe, data, model and output_dir are validated, when the new run is about to
+write), and SIGTERM saves a checkpoint and exits 0 without writing the final model.
+
+Safety: remote code runs only when `trust_remote_code` is explicitly true, the command line winning over the recipe
+(also over its `model_init_kwargs`), and the run says so; `--hub_token` is moved into HF_TOKEN and never saved.
 """
 
 import os
@@ -83,8 +87,13 @@ def _read_recipe(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"config file {path} not found")
     try:
-        with open(path) as fh:
-            recipe = yaml.safe_load(fh)
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        recipe = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(recipe, dict):
@@ -102,6 +111,7 @@ def parse_args(argv: list[str]):
             argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
             break
     parser = _parser()
+    recipe: dict = {}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -119,12 +129,49 @@ def parse_args(argv: list[str]):
     if unknown:
         raise UserError(f"unknown option(s): {' '.join(unknown)}")
     _check_model_args(model_args)
+    script_args.trust_remote_code = _effective_trust_remote_code(argv, recipe, script_args, config)
+    _keep_secrets_out(config)
     if script_args.resume:
         if config.resume_from_checkpoint not in (None, "", "last", "true", "latest"):
             raise UserError(f"--resume conflicts with --resume_from_checkpoint {config.resume_from_checkpoint}; "
                             "give one of them")
         config.resume_from_checkpoint = "last"
     return script_args, config, model_args
+
+
+def _given_on_command_line(argv: list[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
+def _effective_trust_remote_code(argv: list[str], recipe: dict, script_args, config) -> bool:
+    """Remote code runs only when asked for explicitly, and the command line has the last word: `--trust_remote_code`
+    on the command line wins over the recipe (its `trust_remote_code` and its `model_init_kwargs`); without it, every
+    value the recipe or --model_init_kwargs gives must be true. The value is written back into model_init_kwargs, which
+    is what loads the model."""
+    kwargs = dict(config.model_init_kwargs or {})
+    if _given_on_command_line(argv, "trust_remote_code"):
+        trust = bool(script_args.trust_remote_code)
+    else:
+        given = [bool(kwargs["trust_remote_code"])] if "trust_remote_code" in kwargs else []
+        if "trust_remote_code" in recipe:
+            given.append(bool(script_args.trust_remote_code))
+        trust = bool(given) and all(given)
+    kwargs["trust_remote_code"] = trust
+    config.model_init_kwargs = kwargs
+    return trust
+
+
+def _keep_secrets_out(config) -> None:
+    """--hub_token never persists: it is moved into HF_TOKEN (what huggingface_hub reads) and removed from the saved
+    arguments (training_args.bin), and from sys.argv, which wandb records with every run."""
+    token = config.hub_token
+    if not token:
+        return
+    os.environ["HF_TOKEN"] = token
+    config.hub_token = None
+    sys.argv = [arg.replace(token, "<HUB_TOKEN>") for arg in sys.argv]
+    print("note: --hub_token is handed to the hub through HF_TOKEN and saved nowhere; prefer setting HF_TOKEN in the "
+          "environment", file=sys.stderr)
 
 
 def _check_model_args(model_args) -> None:
@@ -178,25 +225,32 @@ def _resume_target(config) -> str | None:
     return str(value)
 
 
-def _check_output_dir(config, resuming: bool) -> None:
-    """Never train over an earlier run by accident: its checkpoint-N directories would be overwritten."""
+def _check_output_dir(config, resuming: bool) -> list[Path]:
+    """Never train over an earlier run by accident: its checkpoint-N directories would be overwritten. Returns the old
+    run's checkpoint directories to remove when --overwrite_output_dir asks to start over; the caller removes them only
+    once everything else is validated and the new run is about to write (`_remove_old_run`)."""
     from distill.checkpoints import STAGING_PREFIX, last_checkpoint
+    from distill.files import check_output_dir
 
-    out = Path(config.output_dir)
+    out = check_output_dir(config.output_dir, "output_dir")
     if resuming or not out.is_dir():
-        return
+        return []
     final_model = any((out / marker).exists() for marker in ("config.json", "adapter_config.json"))
     if last_checkpoint(str(out)) is None and not final_model:
-        return
+        return []
     if not config.overwrite_output_dir:
         raise UserError(
             f"output_dir {out} already holds a run; pass --resume to continue it, --overwrite_output_dir true to "
             "start over, or choose another --output_dir"
         )
-    if config.should_save:  # asked to start over: the old checkpoints must not be resumed into the new run later
-        for path in [*out.glob("checkpoint-*"), *out.glob(f"{STAGING_PREFIX}*")]:
-            if path.is_dir():
-                shutil.rmtree(path)
+    # asked to start over: the old checkpoints must not be resumed into the new run later
+    return [path for path in [*out.glob("checkpoint-*"), *out.glob(f"{STAGING_PREFIX}*")] if path.is_dir()]
+
+
+def _remove_old_run(config, paths: list[Path]) -> None:
+    if config.should_save:
+        for path in paths:
+            shutil.rmtree(path)
 
 
 def save_final(trainer, output_dir: str) -> str:
@@ -217,6 +271,9 @@ def save_final(trainer, output_dir: str) -> str:
                         "(continue with --resume once the cause is fixed)") from exc
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        from distill.files import share_files
+
+        share_files(staging)  # the user's umask, not the savers' 0600
         markers = ("config.json", "adapter_config.json")
         for marker in markers:  # un-commit the previous final model first (resumed runs)
             (out / marker).unlink(missing_ok=True)
@@ -240,31 +297,49 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     from trl import get_peft_config
 
+    from distill.data import load_examples
     from distill.models import load_tokenizer
     from distill.trainer import MTPDistillTrainer
 
+    # Everything is validated (recipe, output_dir, data, model, tokenizer, then the trainer loads the model and
+    # tokenizes the data) before anything of an earlier run is removed.
     resume = _resume_target(config)
-    _check_output_dir(config, resuming=resume is not None)
+    old_run = _check_output_dir(config, resuming=resume is not None)
     config.dataset_name = resolve_dataset(config.dataset_name)
+    # The data is read and checked (columns, empty or null rows, bad lines) before the slow model load; the trainer
+    # reads it again from the datasets cache.
+    load_examples(config.dataset_name, config.dataset_split, question_column=config.question_column,
+                  answer_column=config.answer_column)
 
     # The model goes to the trainer by name, loaded with these kwargs (TRL's model_init_kwargs convention); keys the
-    # recipe sets in model_init_kwargs win over the ModelConfig fields.
+    # recipe sets in model_init_kwargs win over the ModelConfig fields, except trust_remote_code (parse_args).
     config.model_init_kwargs = {
         "dtype": model_args.dtype,
         "attn_implementation": model_args.attn_implementation,
-        "trust_remote_code": script_args.trust_remote_code,
         **(config.model_init_kwargs or {}),
+        "trust_remote_code": script_args.trust_remote_code,
     }
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=script_args.trust_remote_code)
-    # No datasets passed: the trainer loads config.dataset_name, tokenizes it for the packing's raw length and carves
-    # the eval split (eval_fraction), see distill.trainer.prepare_datasets.
-    trainer = MTPDistillTrainer(
-        model=model_args.model_name_or_path,
-        args=config,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=callbacks,
-    )
+    if script_args.trust_remote_code:
+        print(f"note: remote code is enabled (trust_remote_code true): Python code shipped with "
+              f"{model_args.model_name_or_path} may run", file=sys.stderr)
+    out = Path(config.output_dir)
+    created = not out.exists()
+    try:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=script_args.trust_remote_code)
+        # No datasets passed: the trainer loads config.dataset_name, tokenizes it for the packing's raw length and
+        # carves the eval split (eval_fraction), see distill.trainer.prepare_datasets.
+        trainer = MTPDistillTrainer(
+            model=model_args.model_name_or_path,
+            args=config,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
+        )
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that never started leaves nothing behind
+        raise
+    _remove_old_run(config, old_run)  # the new run is about to write its first file
     trainer.train(resume_from_checkpoint=resume)
     if trainer.preempted:  # SIGTERM: the checkpoint of this step is saved; the run is not finished
         if trainer.is_world_process_zero():

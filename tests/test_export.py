@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from distill.cli import main as mtp_main
 from distill.errors import UserError
 from distill.export import export_model
+from distill.files import CREATED_MARKER
 from distill.models import load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
@@ -127,17 +128,24 @@ def test_export_refuses_to_overwrite(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="not created by `mtp export`"):
         export_model(tiny_model_dir, out)
-    rc = mtp_main(["export", "--model", tiny_model_dir, "--output", str(out)])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error:") and err.count("\n") == 1
+    for flags in ([], ["--overwrite"]):  # a directory the export did not create is never replaced
+        rc = mtp_main(["export", "--model", tiny_model_dir, "--output", str(out), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error:") and err.count("\n") == 1 and "not created by" in err
     assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-    assert mtp_main(["export", "--model", tiny_model_dir, "--output", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy was cleaned up
+    earlier = tmp_path / "earlier"
+    assert mtp_main(["export", "--model", tiny_model_dir, "--output", str(earlier)]) == 0
+    assert (earlier / CREATED_MARKER).is_file()
+    rc = mtp_main(["export", "--model", tiny_model_dir, "--output", str(earlier)])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    (earlier / "stale.txt").write_text("from the earlier export")
+    assert mtp_main(["export", "--model", tiny_model_dir, "--output", str(earlier), "--overwrite"]) == 0
+    assert not (earlier / "stale.txt").exists() and (earlier / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out"]  # the old copy was cleaned up
 
 
 @pytest.mark.parametrize("argv, message", [
