@@ -52,9 +52,9 @@ import torch
 from distill.files import write_text_atomically
 
 # Query lengths the cost table measures; between them c(q) is interpolated linearly, beyond the last extrapolated.
-COST_QUERY_LENGTHS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
+COST_QUERY_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 COST_CONTEXT = 128  # cached tokens during the measurement: a typical prompt
-COST_REPEATS = 3  # the minimum of repeats is the least disturbed figure on a shared machine
+COST_REPEATS = 2  # the minimum of repeats is the least disturbed figure on a shared machine
 COST_FILE = "forward_costs.json"
 PROBE_MASKS = 3
 PROBE_INTERVALS = (8, 16, 32, 64)
@@ -146,7 +146,8 @@ class SpanController:
 
 class ForwardCost:
     """c(q, b): seconds of one forward with q query tokens per row and b rows over a cached context, measured on this
-    machine; linear in q between measured lengths, log-linear in b between measured batch sizes."""
+    machine at b = 1, 2, 4, 8, ... (each table once, when first needed; `prepare` measures them up front); linear in q
+    between measured lengths and in b between the powers of two around it."""
 
     def __init__(self, model, mask_token_id: int, *, cache_file: Path | None = None, log=None):
         self.model = model
@@ -158,7 +159,22 @@ class ForwardCost:
         self._warned = False
 
     def __call__(self, q: int, b: int) -> float:
-        return self._at_batch(self._table(b), q)
+        low = 1 << (max(int(b), 1).bit_length() - 1)  # the power of two at or below b
+        c_low = self._at_batch(self._table(low), q)
+        if b == low:
+            return c_low
+        c_high = self._at_batch(self._table(2 * low), q)
+        return c_low + (c_high - c_low) * (b - low) / low
+
+    def prepare(self, rows: int) -> None:
+        """Load or measure every table a batch of `rows` rows can need (rows leave the batch as they finish), so no
+        measurement happens in the middle of a timed decode."""
+        b = 1
+        while True:
+            self._table(b)
+            if b >= rows:
+                return
+            b *= 2
 
     def _table(self, b: int) -> list[float]:
         if b not in self.tables:

@@ -209,6 +209,8 @@ class MTPDecoder:
         n_max = strategy.k_max - 1
         controller = None
         if getattr(strategy, "auto", False):
+            if hasattr(self.forward_cost, "prepare"):
+                self.forward_cost.prepare(len(prompts))
             controller = SpanController(n_max, self.forward_cost, speculative=speculative)
         stops = set(self.stop_token_ids)
         rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]

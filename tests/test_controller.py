@@ -144,13 +144,16 @@ def test_cost_table_is_measured_once_cached_and_keyed(rig, tmp_path):
     assert 0 < c1 <= c8 and cost(100, 2) >= cost(64, 2)  # non-decreasing, extrapolated beyond the table
     stored = json.loads(cache.read_text())
     assert list(stored) == [cost_key(model)] and len(stored[cost_key(model)]["2"]) == len(COST_QUERY_LENGTHS)
+    assert set(stored[cost_key(model)]) == {"2"}  # b = 2 is a power of two: one table
+    cost(1, 3)  # between the powers of two 2 and 4: the table for 4 is measured too
+    assert set(json.loads(cache.read_text())[cost_key(model)]) == {"2", "4"}
     assert lines == []  # an empty cache is not worth a line
 
     # a second decoder reads the table instead of measuring (a table of 1-second forwards proves it)
     stored[cost_key(model)]["2"] = [1.0 + q for q in COST_QUERY_LENGTHS]
     cache.write_text(json.dumps(stored))
     again = ForwardCost(model, model.config.mtp_mask_token_id, cache_file=cache, log=lines.append)
-    assert again(3, 2) == 4.0 and again(7, 2) == 8.0
+    assert again(3, 2) == 4.0 and again(7, 2) == 8.0  # linear between the measured lengths 6 and 8
 
     # a cache measured for another machine or model is ignored, re-measured, and said so in one line
     foreign = {"other-model|torch.float32|sdpa|cpu16|torch9": {"2": [1.0] * len(COST_QUERY_LENGTHS)}}
