@@ -115,6 +115,17 @@ class MTPDistillConfig(TrainingArguments):
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    regenerate: bool = field(
+        default=False,
+        metadata={"help": "Distil on the starting model's own greedy answers to the dataset's questions instead of "
+                          "the dataset's answers (`mtp regenerate`, adaptive/regenerate.py): only the head rows this "
+                          "run consumes, never the held-out tail; cached by fingerprint and reused."},
+    )
+    regenerate_rows: int = field(
+        default=0, metadata={"help": "regenerate: head rows to regenerate (0: what max_steps x global batch needs)."}
+    )
+    regenerate_max_new_tokens: int = field(default=256, metadata={"help": "regenerate: answer length cap (tokens)."})
+    regenerate_batch_size: int = field(default=16, metadata={"help": "regenerate: prompts decoded per batch."})
     # --- reliability ---
     max_nonfinite_steps: int = field(
         default=5,
@@ -171,6 +182,9 @@ class MTPDistillConfig(TrainingArguments):
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_nonfinite_steps < 1:
             raise UserError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        for name, low in (("regenerate_rows", 0), ("regenerate_max_new_tokens", 1), ("regenerate_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
