@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         path = save_final(trainer, config.output_dir)
         if trainer.is_world_process_zero():
             trainer.save_state()
+            from distill.plots import training_plot
+
+            plot = training_plot(trainer.state.log_history, Path(config.output_dir) / "training.png")
+            if plot is not None:
+                print(f"wrote {plot}")
             kind = "LoRA adapter" if model_args.use_peft else "model"
             print(f"saved {kind} + tokenizer to {path} (step {trainer.state.global_step})")
 
