@@ -80,9 +80,17 @@ def model_digest(model) -> str:
 
 def tokenizer_digest(tokenizer) -> str:
     """sha256 of the tokenizer's full definition (vocabulary, merges, normalisation), chat template and special
-    tokens."""
+    tokens. The truncation / padding state that encoding calls leave behind is not part of it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        clean = Tokenizer.from_str(backend.to_str())
+        clean.no_truncation()
+        clean.no_padding()
+        definition = clean.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps({"chat_template": getattr(tokenizer, "chat_template", None),
                         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}},
                        sort_keys=True)

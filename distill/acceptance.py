@@ -4,7 +4,9 @@ prompts, and whether the answers are still the starting model's.
 `AcceptanceCallback` (a `transformers.TrainerCallback`; the trainer adds it when `acceptance_eval_steps` > 0):
   * at train start it decodes a fixed handful of held-out prompts (`acceptance_prompts`, `acceptance_max_new_tokens`
     each) with static k=1 (exact greedy): the reference. It is saved as `acceptance_reference.json` in output_dir, so
-    a resumed run compares against the *starting* model's answers, not the checkpoint's;
+    a resumed run compares against the *starting* model's answers, not the checkpoint's, and cached under
+    `cache_root()/acceptance/` keyed by the starting model's files, tokenizer, prompts and settings, so later runs
+    from the same model (a recipe search, the demo) do not pay for it again;
   * every `acceptance_eval_steps` optimizer steps it decodes the same prompts with ConfAdapt at the raw top-1
     probability (`acceptance_tau`, `acceptance_k_max`; no calibrator) and logs through the Trainer's log, so the
     console, trainer_state.json's log_history and every `report_to` integration (wandb) receive
@@ -14,8 +16,9 @@ prompts, and whether the answers are still the starting model's.
       accept_agreement            share of prompts whose text equals the reference's,
       accept_prefix_agreement     mean share of the reference's tokens reproduced before the first difference,
       accept_seconds              what the measurement cost;
-  * bounded: a due measurement is postponed while the callback's time so far plus the last measurement's cost would
-    exceed `acceptance_budget` (default 5%) of the training wall time; the next due step tries again.
+  * bounded: a due measurement is postponed while the measurements' time so far plus the last one's cost would
+    exceed `acceptance_budget` (default 5%) of the training wall time; the next due step tries again. The one-off
+    reference is not counted (it is cached) but reported at the end with the measurements' share.
 
 Prompts: the questions of the eval split the trainer carves (`eval_fraction` > 0, the same seeded split), else the
 last rows of the repository's GSM8K train file, the tail that `mtp tune`, `mtp calibrate` and `mtp demo` hold out.
@@ -25,6 +28,7 @@ Every rank decodes the same prompts (a ZeRO-3 forward needs all ranks); only the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -87,7 +91,8 @@ class AcceptanceCallback(TrainerCallback):
         self.fmt = fmt
         self.reference: list[list[int]] | None = None
         self.reference_text: list[str] = []
-        self.spent = 0.0  # seconds this callback took
+        self.spent = 0.0  # seconds the measurements took
+        self.reference_seconds = 0.0  # decoding the reference (0 when it came from the cache)
         self.last_cost = 0.0
         self.postponed = 0
         self.history: list[dict] = []
@@ -107,27 +112,62 @@ class AcceptanceCallback(TrainerCallback):
         ids = [encode_prompt(tokenizer, q, self.fmt) for q in self.prompts]
         return self._decoder(model).generate(ids, strategy, self.max_new_tokens)
 
+    def _cache_file(self, model) -> Path | None:
+        """Where the starting model's reference is cached: keyed by the model directory's files (path, size,
+        mtime of config.json and the safetensors), the tokenizer, the prompts and the settings. None for a model
+        that is not a local directory."""
+        from adaptive.regenerate import tokenizer_digest
+        from distill.models import cache_root
+
+        folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        if not folder.is_dir():
+            return None
+        files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+        key = json.dumps({"model": str(folder.resolve()), "files": stats, "dtype": str(next(model.parameters()).dtype),
+                          "tokenizer": tokenizer_digest(self.trainer.processing_class), "prompts": self.prompts,
+                          "format": self.fmt, "max_new_tokens": self.max_new_tokens}, sort_keys=True)
+        return cache_root() / "acceptance" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def _load_reference(self, path: Path | None) -> bool:
+        if path is None or not path.is_file():
+            return False
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            return False
+        if saved.get("prompts") != self.prompts or saved.get("max_new_tokens") != self.max_new_tokens:
+            return False
+        self.reference, self.reference_text = saved["token_ids"], saved["text"]
+        return True
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from adaptive.strategies import Static
 
         self.train_start = time.perf_counter()
-        path = Path(args.output_dir) / REFERENCE_FILE
-        if state.global_step > 0 and path.is_file():  # resumed: the starting model's answers, saved at step 0
-            saved = json.loads(path.read_text())
-            if saved.get("prompts") == self.prompts and saved.get("max_new_tokens") == self.max_new_tokens:
-                self.reference, self.reference_text = saved["token_ids"], saved["text"]
-                return
-        t = time.perf_counter()
-        results = self._decode(self.trainer.model, Static(1))
-        self.reference = [r.token_ids for r in results]
-        self.reference_text = [r.text for r in results]
-        self.spent += time.perf_counter() - t
+        in_run = Path(args.output_dir) / REFERENCE_FILE
+        cached = self._cache_file(self.trainer.model)
+        # Resumed: the reference saved at step 0 of this run; else the cached one of the same starting model.
+        if (state.global_step > 0 and self._load_reference(in_run)) or self._load_reference(cached):
+            step = 0
+        else:  # the model as it is now (the starting model, unless a run is resumed without its reference)
+            t = time.perf_counter()
+            results = self._decode(self.trainer.model, Static(1))
+            self.reference = [r.token_ids for r in results]
+            self.reference_text = [r.text for r in results]
+            self.reference_seconds = time.perf_counter() - t
+            step = state.global_step
         if self.trainer.is_world_process_zero():
+            text = json.dumps({
+                "step": step, "source": self.source, "prompts": self.prompts, "max_new_tokens": self.max_new_tokens,
+                "token_ids": self.reference, "text": self.reference_text,
+            }, ensure_ascii=False) + "\n"
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            write_text_atomically(path, json.dumps({
-                "step": state.global_step, "source": self.source, "prompts": self.prompts,
-                "max_new_tokens": self.max_new_tokens, "token_ids": self.reference, "text": self.reference_text,
-            }, ensure_ascii=False) + "\n")
+            write_text_atomically(in_run, text)
+            if cached is not None and step == 0 and not cached.is_file():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomically(cached, text)
+        self.train_start = time.perf_counter()  # the budget is a share of the training time after this
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every or self.reference is None:
@@ -172,7 +212,9 @@ class AcceptanceCallback(TrainerCallback):
             share = self.spent / elapsed if elapsed > 0 else 0.0
             print(f"acceptance: {len(self.history)} measurements, {self.postponed} postponed by the "
                   f"{100 * self.budget:.0f}% budget; {self.spent:.1f} s = {100 * share:.1f}% of {elapsed:.0f} s "
-                  "of training", flush=True)
+                  f"of training; the starting model's k=1 reference "
+                  + (f"took {self.reference_seconds:.1f} s (cached for the next run from the same model)"
+                     if self.reference_seconds else "came from the cache"), flush=True)
 
 
 def make_callback(trainer, args) -> AcceptanceCallback:

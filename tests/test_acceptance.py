@@ -85,6 +85,7 @@ def test_budget_postpones_a_measurement_that_would_exceed_it(monkeypatch):
 
 def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import wandb
+    monkeypatch.setenv("MTP_SELFDISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -110,11 +111,23 @@ def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir,
         assert 0.0 <= entry["accept_agreement"] <= 1.0 and 0.0 <= entry["accept_prefix_agreement"] <= 1.0
     reference = json.loads((out / acceptance.REFERENCE_FILE).read_text())
     assert reference["step"] == 0 and len(reference["prompts"]) == 2 and len(reference["token_ids"]) == 2
+    cached = list((tmp_path / "cache" / "acceptance").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text()) == reference
+    assert "reference took" in printed
 
     # training.png: three panels (the acceptance curve is the third), wider than the two-panel drawing without it.
     with_curve = _png_size(out / "training.png")
     without = training_plot([e for e in history if "accept_tokens_per_forward" not in e], tmp_path / "plain.png")
     assert with_curve[0] > _png_size(without)[0]
+
+    # A second run from the same starting model takes the reference from the cache.
+    again = argv[:]
+    again[again.index(str(out))] = str(tmp_path / "again")
+    again[again.index("--report_to") + 1] = "none"
+    assert trainer_cli.main(again + ["--max_steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference came from the cache" in printed, printed
+    assert json.loads((tmp_path / "again" / acceptance.REFERENCE_FILE).read_text()) == reference
 
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
