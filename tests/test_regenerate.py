@@ -209,3 +209,14 @@ def test_recipe_regenerates_only_the_head_rows_and_reuses_them(tiny_model_dir, g
 
     with pytest.raises(UserError, match="reaches into the last 200 rows"):
         trainer_cli.main(args("d", "--regenerate_rows", "11"))
+
+
+def test_tokenizer_digest_ignores_the_state_encoding_leaves(tiny_model_dir):
+    from distill.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    before = regen.tokenizer_digest(tokenizer)
+    tokenizer(["a b c d e f", "g"], truncation=True, max_length=3, padding=True)
+    assert regen.tokenizer_digest(tokenizer) == before
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert regen.tokenizer_digest(tokenizer) != before
