@@ -51,7 +51,10 @@ def training_plot(log_history: list[dict], path) -> Path | None:
         ax3.plot(steps, [e["accept_tokens_per_forward"] for e in accept], marker="o", label="tokens / forward")
         ax3.plot(steps, [e["accept_mean_length"] for e in accept], marker=".", linestyle="--",
                  label="mean acceptance length")
-        ax3.set(xlabel="step", ylabel="tokens", title="ConfAdapt on held-out prompts (raw tau)")
+        last = max([e["step"] for e in log_history if "step" in e] + steps)
+        top = max([e["accept_tokens_per_forward"] for e in accept] + [e["accept_mean_length"] for e in accept] + [2.0])
+        ax3.set(xlabel="step", ylabel="tokens", title="ConfAdapt on held-out prompts (raw tau)", xlim=(0, last + 1),
+                ylim=(0.9, top * 1.05))
         twin = ax3.twinx()
         twin.plot(steps, [e["accept_agreement"] for e in accept], marker="s", color="tab:red",
                   label="same answer as start k=1")

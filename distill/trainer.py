@@ -135,7 +135,7 @@ class MTPDistillConfig(TrainingArguments):
     acceptance_tau: float = field(default=0.9, metadata={"help": "acceptance: ConfAdapt threshold (raw top-1 p)."})
     acceptance_k_max: int = field(default=4, metadata={"help": "acceptance: ConfAdapt k_max."})
     acceptance_prompts: int = field(default=4, metadata={"help": "acceptance: held-out prompts decoded."})
-    acceptance_max_new_tokens: int = field(default=48, metadata={"help": "acceptance: tokens per prompt."})
+    acceptance_max_new_tokens: int = field(default=32, metadata={"help": "acceptance: tokens per prompt."})
     acceptance_budget: float = field(
         default=0.05, metadata={"help": "acceptance: most of the training wall time it may take (postpones)."}
     )
