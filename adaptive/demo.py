@@ -155,29 +155,10 @@ def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
 
 
 def training_plot(model_dir: Path, path: Path) -> Path | None:
-    """Loss and student/teacher agreement at positions >= 2 (the <MTP> slots) over the run's logged steps."""
-    import matplotlib
+    """The run's curves (distill/plots.py draws them, as `mtp train` does into its output_dir)."""
+    from distill.plots import read_log_history, training_plot as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    state_file = model_dir / "trainer_state.json"
-    if not state_file.is_file():
-        return None
-    logs = [e for e in json.loads(state_file.read_text())["log_history"] if "loss" in e]
-    if not logs:
-        return None
-    steps = [e["step"] for e in logs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(steps, [e["loss"] for e in logs], marker=".")
-    ax1.set(xlabel="step", ylabel="hard-teacher CE", title="distillation loss (each step draws its own k)")
-    if all("agree_pos>=2" in e for e in logs):
-        ax2.plot(steps, [e["agree_pos>=2"] for e in logs], marker=".", color="tab:green")
-    ax2.set(xlabel="step", ylabel="agreement", title="student = teacher argmax at positions >= 2", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return draw(read_log_history(model_dir), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

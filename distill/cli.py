@@ -9,6 +9,7 @@
     mtp tune --model DIR --target-drop 0.02                         certified tau / k_max into the generation config
     mtp evaluate --model DIR                                        GSM8K accuracy and speed of decoding strategies
     mtp demo [--minutes 20]                                         distil, calibrate, tune and evaluate the default model
+    mtp regenerate --model M --dataset D --output F.jsonl           the model's own greedy answers, for `mtp train`
 
 Subcommand modules are imported lazily so `mtp --help` stays fast. A `UserError` anywhere becomes one
 `error: ...` line on stderr and exit status 2; nothing else is printed.
@@ -33,6 +34,7 @@ COMMANDS = {
     "tune": ("adaptive.tuner", "main", "pick tau / k_max for a target accuracy drop, certified (Learn-then-Test)"),
     "evaluate": ("adaptive.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
     "demo": ("adaptive.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
+    "regenerate": ("adaptive.regenerate", "main", "the model's own greedy answers to a dataset's prompts (train data)"),
 }
 
 

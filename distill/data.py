@@ -138,6 +138,37 @@ def load_examples(name_or_path: str, split: str = "train", *, question_column: s
     return ds.rename_columns({f"__{new}": new for new in keep.values()})
 
 
+QUESTION_COLUMNS = ("question", "query", "prompt")
+
+
+def load_questions(name_or_path: str, split: str = "train", *, column: str | None = None) -> list[str]:
+    """The prompts of a dataset, in order: `column`, else the first of question / query / prompt it has. A missing
+    column or a row whose prompt is not a non-empty string is one UserError."""
+    import datasets
+
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:  # the "Generating train split" bar of a local file is noise before a command's own progress bar
+        datasets.disable_progress_bars()
+    try:
+        ds = _load_raw(name_or_path, split)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    columns = ds.column_names
+    if column is None:
+        column = next((c for c in QUESTION_COLUMNS if c in columns), None)
+        if column is None:
+            raise UserError(f"dataset {name_or_path} has no prompt column ({' / '.join(QUESTION_COLUMNS)}); columns "
+                            f"are {columns}; name it with --question-column")
+    elif column not in columns:
+        raise UserError(f"dataset {name_or_path} has no column {column!r}; columns are {columns}")
+    questions = ds[column]
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"dataset {name_or_path}, row {i}: the {column!r} field is missing or empty")
+    return list(questions)
+
+
 def resolve_format(fmt: str, tokenizer) -> str:
     """"auto" -> "chat" when the tokenizer has a chat template, else "plain"."""
     if fmt not in FORMATS:

@@ -115,6 +115,30 @@ class MTPDistillConfig(TrainingArguments):
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    regenerate: bool = field(
+        default=False,
+        metadata={"help": "Distil on the starting model's own greedy answers to the dataset's questions instead of "
+                          "the dataset's answers (`mtp regenerate`, adaptive/regenerate.py): only the head rows this "
+                          "run consumes, never the held-out tail; cached by fingerprint and reused."},
+    )
+    regenerate_rows: int = field(
+        default=0, metadata={"help": "regenerate: head rows to regenerate (0: what max_steps x global batch needs)."}
+    )
+    regenerate_max_new_tokens: int = field(default=256, metadata={"help": "regenerate: answer length cap (tokens)."})
+    regenerate_batch_size: int = field(default=16, metadata={"help": "regenerate: prompts decoded per batch."})
+    # --- acceptance while training (distill/acceptance.py) ---
+    acceptance_eval_steps: int = field(
+        default=0,
+        metadata={"help": "Every N steps decode a few held-out prompts with ConfAdapt (raw tau) and log tokens/forward, "
+                          "mean acceptance length and agreement with the starting model's k=1 (0: off)."},
+    )
+    acceptance_tau: float = field(default=0.9, metadata={"help": "acceptance: ConfAdapt threshold (raw top-1 p)."})
+    acceptance_k_max: int = field(default=4, metadata={"help": "acceptance: ConfAdapt k_max."})
+    acceptance_prompts: int = field(default=4, metadata={"help": "acceptance: held-out prompts decoded."})
+    acceptance_max_new_tokens: int = field(default=32, metadata={"help": "acceptance: tokens per prompt."})
+    acceptance_budget: float = field(
+        default=0.05, metadata={"help": "acceptance: most of the training wall time it may take (postpones)."}
+    )
     # --- reliability ---
     max_nonfinite_steps: int = field(
         default=5,
@@ -180,6 +204,22 @@ class MTPDistillConfig(TrainingArguments):
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_nonfinite_steps < 1:
             raise UserError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.acceptance_eval_steps < 0:
+            raise UserError(f"acceptance_eval_steps must be >= 0 (0: off), got {self.acceptance_eval_steps}")
+        if self.acceptance_eval_steps:
+            if not 0.0 < self.acceptance_tau <= 1.0:
+                raise UserError(f"acceptance_tau must be in (0, 1], got {self.acceptance_tau}")
+            if not 0.0 < self.acceptance_budget <= 1.0:
+                raise UserError(f"acceptance_budget must be in (0, 1], got {self.acceptance_budget}")
+            for name in ("acceptance_k_max", "acceptance_prompts", "acceptance_max_new_tokens"):
+                if getattr(self, name) < 1:
+                    raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.acceptance_k_max > self.k_max:
+                raise UserError(f"acceptance_k_max {self.acceptance_k_max} is more than the k_max {self.k_max} "
+                                "the model is trained for")
+        for name, low in (("regenerate_rows", 0), ("regenerate_max_new_tokens", 1), ("regenerate_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -264,6 +304,11 @@ class MTPDistillTrainer(Trainer):
         self._nonfinite = {"pending": False, "where": None, "in_a_row": 0, "total": 0, "first_step": None}
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, **kwargs)
+        if args.acceptance_eval_steps:  # ConfAdapt on held-out prompts every N steps (distill/acceptance.py)
+            from distill.acceptance import make_callback
+
+            self.acceptance = make_callback(self, args)
+            self.add_callback(self.acceptance)
         # compute_loss returns a per-micro-batch mean (§2.2 step 7); the Trainer divides it over accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False

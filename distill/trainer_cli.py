@@ -14,7 +14,8 @@ default.
 
 A relative dataset path is tried against the working directory first, then against the repository root, so the CPU
 recipe's `data/gsm8k/train.jsonl` works from anywhere inside the checkout. Without a dataset the GSM8K train
-split is used.
+split is used. `regenerate: true` trains on the starting model's own greedy answers to the dataset's head rows
+instead (`mtp regenerate`; generated once, cached by fingerprint, reused).
 
 The final model is written into `output_dir` (checkpoints stay in `output_dir/checkpoint-N`). It is staged in a
 hidden sub-directory and moved in with its `config.json` (`adapter_config.json` for LoRA) last, the file every loader
@@ -310,6 +311,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     # reads it again from the datasets cache.
     load_examples(config.dataset_name, config.dataset_split, question_column=config.question_column,
                   answer_column=config.answer_column)
+    if config.regenerate:  # the starting model's own answers to the head rows (cached; adaptive/regenerate.py)
+        from adaptive.regenerate import regenerate_for_training
+
+        with config.main_process_first(desc="regenerating the training data"):
+            config.dataset_name = regenerate_for_training(config, model_args.model_name_or_path, model_args.dtype,
+                                                          world_size=config.world_size,
+                                                          trust_remote_code=script_args.trust_remote_code)
+        config.question_column, config.answer_column = "question", "answer"
 
     # The model goes to the trainer by name, loaded with these kwargs (TRL's model_init_kwargs convention); keys the
     # recipe sets in model_init_kwargs win over the ModelConfig fields, except trust_remote_code (parse_args).
@@ -349,6 +358,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         path = save_final(trainer, config.output_dir)
         if trainer.is_world_process_zero():
             trainer.save_state()
+            from distill.plots import training_plot
+
+            plot = training_plot(trainer.state.log_history, Path(config.output_dir) / "training.png")
+            if plot is not None:
+                print(f"wrote {plot}")
             kind = "LoRA adapter" if model_args.use_peft else "model"
             print(f"saved {kind} + tokenizer to {path} (step {trainer.state.global_step})")
 

@@ -228,6 +228,18 @@ CASES = [
      "k_max"),
     ("generate-missing-model", lambda c: ["generate", "--model", str(c.tmp / "nomodel"), "--prompt", "hi"],
      "does not exist"),
+    # --- mtp regenerate
+    ("regenerate-missing-model", lambda c: [
+        "regenerate", "--model", str(c.tmp / "nomodel"), "--dataset", c.rows, "--output", str(c.tmp / "o.jsonl")],
+     "does not exist"),
+    ("regenerate-output-is-a-directory", lambda c: [
+        "regenerate", "--model", c.tiny, "--dataset", c.rows, "--output", str(c.tmp)], "is a directory"),
+    ("regenerate-output-not-its-own", lambda c: [
+        "regenerate", "--model", c.tiny, "--dataset", c.rows, "--output", c.write("mine.jsonl", "{}\n")],
+     "not written by `mtp regenerate`"),
+    ("regenerate-bad-batch-size", lambda c: [
+        "regenerate", "--model", c.tiny, "--dataset", c.rows, "--output", str(c.tmp / "o.jsonl"), "--batch-size", "0"],
+     "--batch-size"),
     # --- mtp calibrate
     ("calibrate-output-under-a-file", lambda c: [
         "calibrate", "--model", c.tiny, "--dataset", c.rows, "--n", "4", "--output", c.write("afile", "x") + "/cal"],
