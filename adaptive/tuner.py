@@ -10,7 +10,8 @@ the reference: greedy decoding of the same checkpoint) and evaluates ConfAdapt(t
 (§5.2: tau from 0.995 down to 0.6; k_max 4/8/16), certifies the settings that meet the target, and writes its choice
 into the model's generation config, where `mtp generate` reads its defaults (`mtp_strategy`, `mtp_k_max`, `mtp_tau`,
 the fields `mtp export` writes). End to end, not from per-token labels: a different tau changes the whole trajectory
-(anchors §C.2, practical caveat). Grid points become strategies in one place (`setting_strategy`).
+(anchors §C.2, practical caveat). Grid points become strategies in one place (`setting_strategy`); a grid value the
+replay cannot simulate (`replayable` is false: a per-step choice of the number of masks) is decoded for real.
 
 Two targets, one machinery (Learn then Test, Angelopoulos, Bates, Candès, Jordan, Lei 2021, arXiv 2110.01052):
   * --target-drop D (labelled data, GSM8K-style "#### N" answers). Per problem i: loss l_i = 1[k=1 right and the
@@ -44,24 +45,30 @@ the tuner says so plainly and keeps plain decoding (static k=1) as the default. 
 settings with speed >= S by accuracy (or agreement) — a speed target without a certification claim — and the same
 wall-clock rule applies.
 
-Sweep. Settings are evaluated lazily in the testing order: once a k_max's sequence has failed a test, its remaining
-taus can never be certified and are not evaluated, unless --full-sweep (or --min-speed) asks for every point.
-With --sweep replay (the default) the grid costs about one greedy pass:
+Sweep. Settings are evaluated lazily in the testing order, the k_max sequences taking turns (every sequence's first
+tau, then every second one, ...), so a time budget (the demo's) shortens all sequences alike; once a k_max's
+sequence has failed a test, its remaining taus can never be certified and are not evaluated, unless --full-sweep
+(or --min-speed) asks for every point. With --sweep replay (the default) the grid costs about one greedy pass:
   * Until ConfAdapt first accepts a token that differs from greedy, its trajectory *is* the greedy one, so its
     accept count at every step follows from the confidences of the k_max positions read at the greedy prefix it has
-    reached. Those come from ONE packed forward per question over the k=1 rollout (prompt + generated tokens
-    y_1..y_T) in the training layout (distill/layout.py with one ground-truth token per region): after the
-    ground-truth slot of every prefix p (the prompt's last token, then y_1 .. y_{T-1}) sit K_max - 1 `<MTP>` masks
-    at the RoPE positions of the tokens they predict, with the block-causal attention of distill/attention.py
-    (tests/test_packing_oracle.py: packed == per-prefix forwards within 1e-4). Under causal attention the first j
-    masks' logits do not depend on how many masks follow, so one replay with the largest k_max serves every k_max.
-    The packing is chunked by regions (at most REPLAY_MAX_SLOTS slots per forward) to bound memory. The confidence
-    is the one the real ConfAdapt thresholds: the model's saved calibrator (adaptive/calibration.py), else raw top-1.
+    reached. Those come from packed forwards over the k=1 rollout (prompt + generated tokens y_1..y_T) in the
+    training layout (distill/layout.py with one ground-truth token per region): after the ground-truth slot of every
+    prefix (the prompt's last token, then y_1 .. y_{T-1}) sit `<MTP>` masks at the RoPE positions of the tokens they
+    predict, with the block-causal attention of distill/attention.py (tests/test_packing_oracle.py: packed ==
+    per-prefix forwards within 1e-4). Under causal attention the first j masks' logits do not depend on how many
+    masks follow, so one replay with the largest k_max serves every k_max. Two passes per question: one mask per
+    prefix first (positions 1 and 2); the prefixes where both reach the grid's smallest tau and position 2 is
+    greedy's token (elsewhere every setting stops or leaves greedy there) are packed again with all k_max - 1 masks.
+    The packing is chunked by regions so at most REPLAY_MAX_SLOTS logits are read per forward (bounded memory). The
+    confidence is the one the real ConfAdapt thresholds: the model's saved calibrator (adaptive/calibration.py
+    load_calibrator), else raw top-1.
   * Per setting and question: accept n = the longest run of confidence >= tau (at least one, cut at the end of the
     greedy output, as the decoder cuts at a stop token or the token budget); if positions 2..n all hold greedy's
     tokens, the step is replayed and the next one starts n tokens later; otherwise the setting diverges there.
-    A question that never diverges gets its exact per-step accept counts and k=1's output; only questions where the
-    setting diverges are decoded for real with that setting (few at high tau).
+    A question that never diverges gets its exact per-step accept counts and k=1's output; a question where the
+    setting diverges after c tokens is decoded for real with that setting from prompt + those c greedy tokens on
+    (its first forward is the diverging step; the budget is what is left of --max-new-tokens); with cot8's stop
+    strings, which the decoder matches across the whole generation, it is decoded from the start instead.
   * Float near-ties aside (a confidence within ~1e-5 of tau, or two logits within rounding of each other, can go
     either way between the packed forward and the decoder's KV-cache forward), replay equals real rollouts
     (tests/test_tuner_replay.py). With cot8's stop strings the step that completes a stop string may count a token
@@ -77,7 +84,9 @@ the speed sample; every setting: tau, k_max, accuracy / agreement, losses, p-val
 std, questions replayed vs decoded, measured tok/s and the ratio to k=1 where measured; the choice; delta, target,
 n) and pareto.png (accuracy or agreement vs tokens/forward and vs wall-clock tok/s, one line per k_max, k=1's speed as
 the reference line). Then the chosen strategy goes into DIR/generation_config.json (atomic replace) unless
---no-write: confadapt with its tau and k_max, or static k=1.
+--no-write: confadapt with its tau and k_max, or static k=1. Bad input (a target outside its range, both targets,
+--target-drop on unlabelled prompts, a prompts file without prompts) is one `error:` line before anything is
+written.
 """
 
 from __future__ import annotations
@@ -105,8 +114,8 @@ OBJECTIVES = ("drop", "agreement")
 GENERATION_CONFIG = "generation_config.json"
 DEFAULT_N = 200
 DEFAULT_MEASURE = 3  # certified candidates whose wall-clock speed is measured against k=1
-# Packed replay: slots per forward (ground truth + masks). Logits are read at most at this many slots, so memory per
-# forward is bounded by about REPLAY_MAX_SLOTS x vocabulary floats (SmolLM2: 1024 x 49152 x 4 B = 200 MB).
+# Packed replay: logits read per forward (position 1 + masks of each region in the chunk), so memory per forward is
+# bounded by about REPLAY_MAX_SLOTS x vocabulary floats (SmolLM2: 1024 x 49152 x 4 B = 200 MB).
 REPLAY_MAX_SLOTS = 1024
 PLAIN = {"strategy": "static", "tau": None, "k_max": 1}  # plain next-token decoding, the reference
 
@@ -341,61 +350,89 @@ def replayable(k_max) -> bool:
 # One-pass sweep: replay ConfAdapt on the greedy rollout
 
 
+def _packed_positions(model, seq: list[int], L: int, regions: Sequence[int], masks: int, mask_token_id: int, scorer,
+                      max_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence and argmax [len(regions), 1 + masks] of the given greedy prefixes (region c: the first L + c tokens
+    of `seq`), `masks` `<MTP>` masks each, from packed block-causal forwards (see `greedy_confidences`)."""
+    import torch
+
+    from distill.attention import dense_block_mask
+
+    width = 1 + masks
+    confidence = np.zeros((len(regions), width), dtype=np.float32)
+    argmax = np.zeros((len(regions), width), dtype=np.int64)
+    device = model.device
+    per_forward = max(1, max_slots // width)
+    for r0 in range(0, len(regions), per_forward):
+        chunk = list(regions[r0 : r0 + per_forward])
+        wanted = {L - 1 + c: c for c in chunk}  # source index of each region's last ground-truth token -> region
+        ids, pos, blocks, read = [], [], [], []
+        for s in range(L + chunk[-1]):  # ground truth up to the last prefix of this chunk
+            ids.append(seq[s])
+            pos.append(s)
+            blocks.append(-1)
+            if s in wanted:
+                read.append(len(ids) - 1)
+                for j in range(1, masks + 1):
+                    ids.append(mask_token_id)
+                    pos.append(s + j)
+                    blocks.append(wanted[s])
+                    read.append(len(ids) - 1)
+        mask = dense_block_mask(torch.tensor(blocks, device=device), 1, model.dtype)
+        keep = torch.tensor(read, device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                           attention_mask=mask, logits_to_keep=keep, use_cache=False).logits[0]
+            if logits.shape[0] != len(read):  # a model that ignores logits_to_keep returns every slot
+                logits = logits[keep]
+            logits = logits.view(len(chunk), width, -1)
+            confidence[r0 : r0 + len(chunk)] = scorer(logits).float().cpu().numpy()
+            argmax[r0 : r0 + len(chunk)] = logits.argmax(dim=-1).cpu().numpy()
+    return confidence, argmax
+
+
 def greedy_confidences(model, prompt_ids: Sequence[int], generated: Sequence[int], k_max: int, mask_token_id: int,
-                       scorer=None, max_slots: int = REPLAY_MAX_SLOTS) -> tuple[np.ndarray, np.ndarray]:
+                       scorer=None, max_slots: int = REPLAY_MAX_SLOTS,
+                       min_tau: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Confidence and argmax of the k_max positions ConfAdapt reads at every greedy prefix, from packed forwards.
 
     prompt_ids + generated is the k=1 rollout (T = len(generated)). Row c (c = 0 .. T-1) is the forward ConfAdapt
     would run with c generated tokens committed: position 1 is the next-token prediction at the last committed token,
     positions 2..k_max the `<MTP>` masks after it. Layout (distill/layout.py with one ground-truth token per region,
     after a plain prompt prefix): ground-truth slots carry the rollout's tokens at their own positions; after the slot
-    of source index L-1+c sit k_max-1 masks with block id c at positions L+c .. L+c+k_max-2; distill/attention.py's
-    block-causal rule lets ground truth see ground truth causally and each mask the ground truth up to its prefix
-    plus the earlier masks of its own region. Chunked by regions so at most `max_slots` logits are read per forward.
+    of source index L-1+c sit the masks of region c at positions L+c, L+c+1, ...; distill/attention.py's block-causal
+    rule lets ground truth see ground truth causally and each mask the ground truth up to its prefix plus the earlier
+    masks of its own region. Chunked by regions so at most `max_slots` logits are read per forward.
+
+    `min_tau` (the smallest tau of the grid) skips work that cannot matter: a first pass reads positions 1 and 2 of
+    every prefix (one mask each); only prefixes where both reach min_tau and position 2 holds greedy's token (else
+    every grid setting stops or leaves greedy there) get the second pass with all k_max - 1 masks. Positions not
+    read are reported as confidence 0 and argmax -1. Causal attention makes both passes' numbers those of the full
+    k_max forward.
     Returns (confidence [T, k_max] float32 from `scorer` (raw top-1 when None), argmax ids [T, k_max] int64).
     """
-    import torch
-
     from adaptive.strategies import top1_probability
-    from distill.attention import dense_block_mask
 
     scorer = scorer or top1_probability
     prompt_ids, generated = [int(t) for t in prompt_ids], [int(t) for t in generated]
-    L, T, K = len(prompt_ids), len(generated), int(k_max) - 1
+    L, T = len(prompt_ids), len(generated)
     if L < 1 or k_max < 1:
         raise ValueError("greedy_confidences needs a non-empty prompt and k_max >= 1")
-    confidence = np.zeros((T, k_max), dtype=np.float32)
-    argmax = np.zeros((T, k_max), dtype=np.int64)
     seq = prompt_ids + generated
-    device = model.device
-    regions_per_forward = max(1, max_slots // k_max)
-    for c0 in range(0, T, regions_per_forward):
-        c1 = min(T, c0 + regions_per_forward)
-        ids, pos, blocks, read = [], [], [], []
-        for s in range(L + c1 - 1):  # ground truth up to the last prefix of this chunk
-            ids.append(seq[s])
-            pos.append(s)
-            blocks.append(-1)
-            c = s - (L - 1)  # region whose prefix ends at source s
-            if c >= c0:
-                read.append(len(ids) - 1)
-                for j in range(1, K + 1):
-                    ids.append(mask_token_id)
-                    pos.append(s + j)
-                    blocks.append(c)
-                    read.append(len(ids) - 1)
-        block_ids = torch.tensor(blocks, device=device)
-        mask = dense_block_mask(block_ids, 1, model.dtype)
-        keep = torch.tensor(read, device=device)
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                        attention_mask=mask, logits_to_keep=keep, use_cache=False)
-            logits = out.logits[0]
-            if logits.shape[0] != len(read):  # a model that ignores logits_to_keep returns every slot
-                logits = logits[keep]
-            logits = logits.view(c1 - c0, k_max, -1)
-            confidence[c0:c1] = scorer(logits).float().cpu().numpy()
-            argmax[c0:c1] = logits.argmax(dim=-1).cpu().numpy()
+    if T == 0:
+        return np.zeros((0, k_max), dtype=np.float32), np.zeros((0, k_max), dtype=np.int64)
+    if min_tau is None or k_max <= 2:
+        return _packed_positions(model, seq, L, range(T), k_max - 1, mask_token_id, scorer, max_slots)
+    confidence = np.zeros((T, k_max), dtype=np.float32)
+    argmax = np.full((T, k_max), -1, dtype=np.int64)
+    confidence[:, :2], argmax[:, :2] = _packed_positions(model, seq, L, range(T), 1, mask_token_id, scorer, max_slots)
+    gen = np.asarray(generated + [-1])  # position 2 at the last prefix is past the end: nothing more to read
+    threshold = np.float32(min_tau)
+    alive = np.flatnonzero((confidence[:, 0] >= threshold) & (confidence[:, 1] >= threshold)
+                           & (argmax[:, 1] == gen[1:]))
+    if alive.size:
+        confidence[alive], argmax[alive] = _packed_positions(model, seq, L, alive.tolist(), k_max - 1, mask_token_id,
+                                                             scorer, max_slots)
     return confidence, argmax
 
 
@@ -422,6 +459,41 @@ def replay_steps(confidence: np.ndarray, argmax: np.ndarray, generated: Sequence
         steps.append(n)
         c += n
     return steps, None
+
+
+def continue_rollouts(decoder, starts: Sequence[tuple[Sequence[int], Sequence[int]]], strategy, *,
+                      max_new_tokens: int, batch_size: int = 16) -> list[tuple[list[int], list[int], str]]:
+    """Decode `strategy` from given points of its trajectory: starts = [(prompt ids, tokens already generated)].
+
+    For a setting that follows greedy for c tokens and then leaves it, the real rollout is exactly the greedy tokens
+    so far (their steps are replayed) followed by what the decoder produces from prompt + those c tokens: its first
+    forward is the step that diverges. Each row's budget is max_new_tokens - c; rows decoded together run to the
+    largest budget and are cut afterwards as the decoder cuts (the step that crosses the budget keeps what fits).
+    Returns, per start: (all generated tokens, the steps after the start, the text cut at the first stop token).
+    No stop strings (a stop string begun before the start would not be seen); callers decode from the start then.
+    """
+    stops = set(decoder.stop_token_ids)
+    order = sorted(range(len(starts)), key=lambda j: -(len(starts[j][0]) + len(starts[j][1])))
+    out: list = [None] * len(starts)
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        budgets = [max_new_tokens - len(starts[j][1]) for j in chunk]
+        if min(budgets) < 1:
+            raise ValueError("a start already holds max_new_tokens tokens")
+        results = decoder.generate([list(starts[j][0]) + list(starts[j][1]) for j in chunk], strategy,
+                                   max(budgets))
+        for j, budget, result in zip(chunk, budgets, results):
+            tokens, steps = [], []
+            for count in result.accepted_per_step:
+                take = min(count, budget - len(tokens))
+                if take <= 0:
+                    break
+                tokens += result.token_ids[len(tokens) : len(tokens) + take]
+                steps.append(take)
+            generated = list(starts[j][1]) + tokens
+            end = next((t for t, tok in enumerate(generated) if tok in stops), len(generated))
+            out[j] = (generated, steps, decoder.tokenizer.decode(generated[:end], skip_special_tokens=False))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -469,8 +541,9 @@ def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float
 
     evaluate_setting(tau, k_max) returns a dict or an EvalReport-like object with the per-problem "correct"
     (objective drop; `reference` is k=1's) or "agrees" (objective agreement; `target` is then the agreement) and the
-    speed fields. Without `full`, a k_max's sequence stops after its first failed test (p > delta / len(k_maxes)),
-    exactly where `select` stops certifying it. `deadline` (a time.perf_counter() value) ends the sweep before the
+    speed fields. The sequences take turns (first tau of every k_max, then the second, ...). Without `full`, a
+    k_max's sequence stops after its first failed test (p > delta / len(k_maxes)), exactly where `select` stops
+    certifying it. `deadline` (a time.perf_counter() value) ends the sweep before the
     next setting once passed (the first setting always runs): the sequences are then shorter, which testing allows
     (an untested tau is simply not certified).
     """
@@ -482,21 +555,29 @@ def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float
     order = ordered_sequences(taus, k_maxes)
     bar = tqdm(total=sum(len(t) for _, t in order), desc="tune", unit="setting", disable=not progress)
     settings = []
+    position = {k_max: 0 for k_max, _ in order}  # next tau of each sequence; len(sequence) once it has stopped
     try:
-        for k_max, sequence in order:
-            for i, tau in enumerate(sequence):
+        # Round robin over the k_max sequences (tau rank by tau rank), each in its own testing order, so a deadline
+        # shortens every sequence alike instead of dropping the last k_max values.
+        while any(position[k] < len(sequence) for k, sequence in order):
+            for k_max, sequence in order:
+                i = position[k_max]
+                if i >= len(sequence):
+                    continue
                 if deadline is not None and settings and time.perf_counter() > deadline:
                     bar.write(f"tune: time budget spent; {bar.total - bar.n} setting(s) not evaluated")
                     return settings
+                tau = sequence[i]
                 bar.set_postfix_str(f"k_max={k_max} tau={tau:g}")
                 setting = _setting_fields(evaluate_setting(tau, k_max), tau, k_max)
                 settings.append(setting)
                 bar.update(1)
+                position[k_max] = i + 1
                 losses, n = _losses(setting, ref, objective)
                 if not full and binomial_pvalue(losses, n, risk) > level:
                     bar.total -= len(sequence) - i - 1  # never certifiable: not evaluated
                     bar.refresh()
-                    break
+                    position[k_max] = len(sequence)
     finally:
         bar.close()
     return settings
@@ -882,7 +963,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     `deadline` (time.perf_counter()) stops starting settings; at least one is evaluated and one candidate measured.
     `mtp tune` and `mtp demo` both come through here.
     """
-    from adaptive.evaluate import encode_prompt, normalize_number, run_eval
+    from adaptive.evaluate import STOP_STRINGS, encode_prompt, extract_answer, normalize_number, run_eval
     from adaptive.strategies import Static
 
     if (target_drop is None) == (target_agreement is None):
@@ -905,14 +986,17 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     sweep_began = time.perf_counter()
 
     traces = None
+    # A diverging question is decoded from its divergence point on (the greedy tokens before it are the setting's
+    # own), except with stop strings, which the decoder matches across the tokens of the whole generation.
+    continue_from_divergence = not STOP_STRINGS[prompt_format]
+    prompts = [encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
     if sweep_mode == "replay" and any(replayable(k) for k in k_maxes):
         k_read = max(k for k in k_maxes if replayable(k))
-        prompts = [encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
         was_training = decoder.model.training
         decoder.model.eval()
         try:
             traces = [greedy_confidences(decoder.model, prompts[i], ref_tokens[i], k_read, decoder.mask_token_id,
-                                         scorer) for i in tqdm(range(n), desc="replay (packed greedy prefixes)",
+                                         scorer, min_tau=min(taus)) for i in tqdm(range(n), desc="replay (packed greedy prefixes)",
                                                                 unit="question", file=sys.stderr)]
         finally:
             decoder.model.train(was_training)
@@ -923,12 +1007,14 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
         t0 = time.perf_counter()
         answers, token_ids = list(reference.answers), [list(t) for t in ref_tokens]
         steps: list = [None] * n
+        decode, resume = [], []  # decoded from the start / continued from the divergence point
         if traces is not None and replayable(k_max):
-            decode = []
             for i, (confidence, argmax) in enumerate(traces):
                 replayed, diverged_at = replay_steps(confidence, argmax, ref_tokens[i], tau, k_max)
                 if diverged_at is None:
                     steps[i] = replayed
+                elif continue_from_divergence:
+                    resume.append((i, diverged_at, replayed))
                 else:
                     decode.append(i)
         else:
@@ -938,6 +1024,12 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
             for j, i in enumerate(decode):
                 answers[i], token_ids[i] = real.answers[j], list(real.results[j].token_ids)
                 steps[i] = list(real.results[j].accepted_per_step)
+        if resume:
+            continued = continue_rollouts(decoder, [(prompts[i], ref_tokens[i][:c]) for i, c, _ in resume], strategy,
+                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+            for (i, _, replayed), (tokens, more_steps, text) in zip(resume, continued):
+                answers[i], token_ids[i], steps[i] = extract_answer(text), tokens, replayed + more_steps
+            decode += [i for i, _, _ in resume]
         every = [s for row in steps for s in row]
         correct = [a is not None and a == g for a, g in zip(answers, gold)] if labelled else None
         agree_answers = agreement_flags(reference.answers, answers)

@@ -403,7 +403,7 @@ def test_sweep_stops_a_sequence_at_its_first_failure():
     regressions.update({(t, 8): 30 for t in taus})
     fake = FakeEvaluator(ref, regressions)
     settings = sweep(fake, taus, [4, 8], reference=ref, target=0.02, delta=0.05)
-    assert fake.calls == [(0.99, 4), (0.95, 4), (0.9, 4), (0.99, 8)]
+    assert fake.calls == [(0.99, 4), (0.99, 8), (0.95, 4), (0.9, 4)]  # turns; k_max 8 stopped at its first
     assert [(s["tau"], s["k_max"]) for s in settings] == fake.calls
     lazy = select(ref, settings, target=0.02, delta=0.05, n_sequences=2, reference_speed=1.0)
 

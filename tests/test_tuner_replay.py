@@ -88,6 +88,23 @@ def test_packed_confidences_equal_per_prefix_forwards(rig, prompts, greedy):
                 assert argmax[c, 0] == gen[c] or not clear[0]  # position 1 is greedy's own next token
 
 
+def test_two_pass_replay_reads_only_what_the_grid_needs(rig, prompts, greedy):
+    """min_tau: a cheap pass with one mask per prefix, full depth only where the grid can accept past position 2;
+    every grid setting replays exactly as from the full forward, and fewer slots are read."""
+    model, _, decoder = rig
+    for tau_min in (min(TAUS), 1e-4):
+        grid = [t for t in TAUS if t >= tau_min]
+        for p, gen in zip(prompts, greedy):
+            full = greedy_confidences(model, p, gen, max(K_MAXES), decoder.mask_token_id)
+            lean = greedy_confidences(model, p, gen, max(K_MAXES), decoder.mask_token_id, min_tau=tau_min)
+            for tau in grid:
+                for k_max in K_MAXES:
+                    assert replay_steps(*lean, gen, tau, k_max) == replay_steps(*full, gen, tau, k_max), (tau, k_max)
+            skipped = lean[1][:, 2:] == -1
+            np.testing.assert_allclose(lean[0][~skipped.any(1)], full[0][~skipped.any(1)], atol=1e-6, rtol=0)
+    assert skipped.any()  # at tau_min 1e-4 some prefixes are not read past position 2
+
+
 def _compare(real, greedy_tokens, conf, argmax, tau, k_max):
     """'equal', 'diverged' (equal until the divergence) or 'near-tie'; AssertionError for a real mismatch."""
     steps, at = replay_steps(conf, argmax, greedy_tokens, tau, k_max)
