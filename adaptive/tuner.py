@@ -282,15 +282,19 @@ def select(reference: Sequence[bool] | None, settings: Sequence[dict], *, target
             f"{r.get('reference_tokens_per_second', reference_speed):.1f} tok/s" for r in measured))
 
     if min_speed is not None:
-        fast = [r for r in annotated if _speed(r, speed) >= min_speed]
-        if not fast:
+        def reaches(row) -> bool | None:  # None: wall-clock speed not measured yet
+            value = _speed(row, speed)
+            return None if math.isnan(value) else value >= min_speed
+
+        possible = [r for r in annotated if reaches(r) is not False]
+        if not possible:
             best = max((_speed(r, speed) for r in annotated), default=float("nan"))
             raise UserError(f"no setting reaches --min-speed {min_speed:g} {unit}; the fastest seen is {best:.2f}")
-        ranked = sorted(fast, key=lambda r: (-r.get(quality, 0.0), -_speed(r, speed), -r["tau"]))
+        ranked = sorted(possible, key=lambda r: (-(r.get(quality) or 0.0), -(_speed(r, "tokens")), -r["tau"]))
         out["candidates"] = [(r["tau"], r["k_max"]) for r in ranked]
-        ok = fast_enough(ranked)
+        ok = [r for r in fast_enough(ranked) if reaches(r)]
         if not ok:
-            out["choice"] = plain(f"{len(fast)} setting(s) reach --min-speed {min_speed:g} {unit}, but "
+            out["choice"] = plain(f"{len(possible)} setting(s) may reach --min-speed {min_speed:g} {unit}, but "
                                   + slower_note(ranked))
             return out
         row = ok[0]
@@ -1074,7 +1078,11 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
                      if k1_sample.tokens_per_second else None)
             print(f"  tau={tau:g} k_max={k_max}: {run.tokens_per_second:.1f} tok/s vs k=1 "
                   f"{k1_sample.tokens_per_second:.1f} ({s['speedup_vs_k1']:.2f}x)", file=sys.stderr)
-            if speed == "tokens" and run.tokens_per_second >= k1_sample.tokens_per_second:
+            not_slower = run.tokens_per_second >= k1_sample.tokens_per_second
+            if min_speed is not None:  # ranked by accuracy / agreement: the first eligible one is the choice
+                if not_slower and (speed == "tokens" or run.tokens_per_second >= min_speed):
+                    break
+            elif speed == "tokens" and not_slower:
                 break  # ranked by tokens/forward: the first one not slower than k=1 is the choice
         selection = select(ref_correct, settings, **select_args)
     choice = selection["choice"]

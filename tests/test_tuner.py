@@ -657,3 +657,17 @@ def test_mtp_tune_target_agreement_on_unlabelled_prompts(tiny_model_dir, tmp_pat
         _never_slower(report)
         written = mtp_defaults(str(model))
         assert written["strategy"] == report["choice"]["strategy"]
+
+
+def test_select_min_speed_in_wallclock_ranks_unmeasured_settings_as_candidates():
+    ref = [True] * 150 + [False] * 50
+    settings = [{**_setting(0.99, 4, ref, 1.2), "tokens_per_second": None},
+                {**_setting(0.9, 4, _flip(ref, 2), 2.0), "tokens_per_second": None}]
+    out = select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)
+    assert out["candidates"] == [(0.99, 4), (0.9, 4)] and out["choice"]["strategy"] == "static"
+    settings[0]["tokens_per_second"], settings[1]["tokens_per_second"] = 18.0, 25.0  # 18 < min speed 20
+    choice = select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)["choice"]
+    assert (choice["rule"], choice["tau"]) == ("min-speed", 0.9)
+    settings[1]["tokens_per_second"] = 19.0
+    with pytest.raises(UserError, match="no setting reaches --min-speed 20"):
+        select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)
