@@ -385,8 +385,9 @@ def _packed_positions(model, seq: list[int], L: int, regions: Sequence[int], mas
         mask = dense_block_mask(torch.tensor(blocks, device=device), 1, model.dtype)
         keep = torch.tensor(read, device=device)
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                           attention_mask=mask, logits_to_keep=keep, use_cache=False).logits[0]
+            logits = model(input_ids=torch.tensor([ids], device=device),
+                           position_ids=torch.tensor([pos], device=device), attention_mask=mask, logits_to_keep=keep,
+                           use_cache=False).logits[0]
             if logits.shape[0] != len(read):  # a model that ignores logits_to_keep returns every slot
                 logits = logits[keep]
             logits = logits.view(len(chunk), width, -1)
@@ -729,8 +730,8 @@ def choice_line(choice: dict) -> str:
                f"{s['improvements']} improvements)")
     speed = ""
     if s.get("tokens_per_second") is not None and s.get("reference_tokens_per_second"):
-        speed = (f", {s['tokens_per_second']:.1f} tok/s = {s['tokens_per_second'] / s['reference_tokens_per_second']:.2f}"
-                 f"x k=1's {s['reference_tokens_per_second']:.1f}")
+        ratio = s["tokens_per_second"] / s["reference_tokens_per_second"]
+        speed = f", {s['tokens_per_second']:.1f} tok/s = {ratio:.2f}x k=1's {s['reference_tokens_per_second']:.1f}"
     return (f"chosen: confadapt tau={choice['tau']:g} k_max={choice['k_max']}: {s['tokens_per_forward_mean']:.2f} "
             f"tokens/forward{speed}, {quality} - {choice['reason']}")
 
@@ -1000,8 +1001,8 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
         decoder.model.eval()
         try:
             traces = [greedy_confidences(decoder.model, prompts[i], ref_tokens[i], k_read, decoder.mask_token_id,
-                                         scorer, min_tau=min(taus)) for i in tqdm(range(n), desc="replay (packed greedy prefixes)",
-                                                                unit="question", file=sys.stderr)]
+                                         scorer, min_tau=min(taus))
+                      for i in tqdm(range(n), desc="replay (packed greedy prefixes)", unit="question", file=sys.stderr)]
         finally:
             decoder.model.train(was_training)
     replay_seconds = time.perf_counter() - sweep_began
