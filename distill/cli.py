@@ -6,7 +6,7 @@
     mtp generate --model DIR|alias --prompt ...                     decode with static / confadapt / selfspec
     mtp bench-decode [--json]                                       tokens/s of each strategy vs HF baselines
     mtp calibrate --model DIR                                       fit confidence calibration (saved beside the model)
-    mtp tune --model DIR --target-drop 0.02                         certified tau / k_max into the generation config
+    mtp tune --model DIR --target-agreement 0.95 --prompts P.jsonl  certified tau / k_max, never slower than k=1
     mtp evaluate --model DIR                                        GSM8K accuracy and speed of decoding strategies
     mtp demo [--minutes 20]                                         distil, calibrate, tune and evaluate the default model
     mtp regenerate --model M --dataset D --output F.jsonl           the model's own greedy answers, for `mtp train`
@@ -31,7 +31,8 @@ COMMANDS = {
     "generate": ("adaptive.cli", "generate_main", "generate with static / confadapt / selfspec decoding"),
     "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup"),
     "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
-    "tune": ("adaptive.tuner", "main", "pick tau / k_max for a target accuracy drop, certified (Learn-then-Test)"),
+    "tune": ("adaptive.tuner", "main", "pick tau / k_max for a certified accuracy drop or agreement with k=1, "
+             "never slower than k=1 (Learn-then-Test)"),
     "evaluate": ("adaptive.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
     "demo": ("adaptive.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
     "regenerate": ("adaptive.regenerate", "main", "the model's own greedy answers to a dataset's prompts (train data)"),

@@ -18,7 +18,9 @@ def test_demo_never_touches_a_foreign_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--minutes", "0.5"], "--minutes must be in [1, 1440]"),
-    (["--target-drop", "1.5"], "--target-drop must be in (0, 1)"),
+    (["--target-agreement", "1.5"], "--target-agreement must be in (0, 1]"),
+    (["--target-agreement", "0"], "--target-agreement must be in (0, 1]"),
+    (["--target-drop", "0.1"], "unrecognized arguments"),
     (["--delta", "0"], "--delta must be in (0, 1)"),
     (["--steps", "3"], "unrecognized arguments"),
 ])
@@ -37,6 +39,10 @@ def test_plan_scales_with_the_budget():
     assert small.train_seconds < full.train_seconds and small.held_out < full.held_out
     assert full.train_seconds == pytest.approx(0.4 * 20 * 60)
     assert set(full.taus) <= {0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9, 0.87, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6}
+    # the default run's tuning set can certify agreement 0.95 at the demo's delta (0.10) over its k_max values
+    from adaptive.tuner import min_certifiable_n
+
+    assert full.n_tune >= min_certifiable_n(1 - 0.95, 0.10 / len(full.k_maxes))
 
 
 @pytest.mark.slow
@@ -59,4 +65,12 @@ def test_demo_three_minutes_writes_every_artefact(smollm2_dir, gsm8k_path, tmp_p
     assert report["rows"]["evaluate"] == len(report["evaluation"][0]["correct"])
     assert "accuracy" in printed and "tok/fwd" in printed
     gen = json.loads((out / "model" / "generation_config.json").read_text())
-    assert gen["mtp_strategy"] in ("confadapt", "selfspec")
+    assert gen["mtp_strategy"] in ("confadapt", "static")
+    tuning = json.loads((out / "tune" / "report.json").read_text())
+    assert tuning["objective"] == "agreement" and tuning["target"] == 0.95 and tuning["labelled"] is False
+    choice = tuning["choice"]
+    if choice["strategy"] == "confadapt":  # never slower than k=1 in the tuner's own measurement
+        chosen = next(s for s in tuning["settings"] if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
+        assert chosen["tokens_per_second"] >= chosen["reference_tokens_per_second"]
+    else:
+        assert (gen["mtp_strategy"], gen["mtp_k_max"]) == ("static", 1)

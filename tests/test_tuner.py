@@ -14,10 +14,12 @@ from scipy.optimize import brentq
 from scipy.stats import binom
 
 from adaptive.tuner import (
+    agreement_flags,
     binomial_pvalue,
     fixed_sequence,
     min_certifiable_n,
     ordered_sequences,
+    parse_agreement,
     pareto_plot,
     select,
     sweep,
@@ -98,7 +100,7 @@ def test_select_fastest_certified_and_ties_go_to_accuracy():
         _setting(0.99, 8, ref, 1.6),
         _setting(0.9, 8, improved, 2.0),  # certified, same speed, more accurate -> the choice
     ]
-    out = select(ref, settings, target=0.05, delta=0.05)
+    out = select(ref, settings, target=0.05, delta=0.05, reference_speed=5.0)
     assert out["level"] == pytest.approx(0.025) and out["n_sequences"] == 2
     by_key = {(s["tau"], s["k_max"]): s for s in out["settings"]}
     assert [by_key[(t, 4)]["certified"] for t in (0.99, 0.9, 0.8)] == [True, True, False]
@@ -113,8 +115,8 @@ def test_select_fastest_certified_and_ties_go_to_accuracy():
 def test_select_wallclock_speed_changes_the_choice():
     ref = [True] * 150 + [False] * 50
     settings = [_setting(0.99, 4, ref, 1.5, tps=30.0), _setting(0.95, 4, ref, 2.0, tps=20.0)]
-    assert select(ref, settings, target=0.05, speed="tokens")["choice"]["tau"] == 0.95
-    assert select(ref, settings, target=0.05, speed="wallclock")["choice"]["tau"] == 0.99
+    assert select(ref, settings, target=0.05, speed="tokens", reference_speed=15.0)["choice"]["tau"] == 0.95
+    assert select(ref, settings, target=0.05, speed="wallclock", reference_speed=15.0)["choice"]["tau"] == 0.99
 
 
 def test_select_min_speed_picks_most_accurate_fast_enough():
@@ -125,7 +127,7 @@ def test_select_min_speed_picks_most_accurate_fast_enough():
         _setting(0.8, 8, _flip(ref, 20), 3.5),  # most accurate with >= 3 tokens/forward
         _setting(0.7, 8, _flip(ref, 60), 4.5),
     ]
-    out = select(ref, settings, target=0.02, min_speed=3.0)
+    out = select(ref, settings, target=0.02, min_speed=3.0, reference_speed=1.0)
     choice = out["choice"]
     assert (choice["rule"], choice["tau"], choice["k_max"], choice["certified"]) == ("min-speed", 0.8, 8, False)
     assert all(s["p_value"] is not None for s in out["settings"])  # reported anyway
@@ -134,15 +136,79 @@ def test_select_min_speed_picks_most_accurate_fast_enough():
         select(ref, settings, target=0.02, min_speed=5.0)
 
 
-def test_select_falls_back_to_selfspec_when_nothing_is_certified():
+def test_select_keeps_plain_decoding_when_nothing_is_certified():
     ref = [True] * 30 + [False] * 10
     settings = [_setting(0.99, k, _flip(ref, 5), 2.0) for k in (4, 8, 16)]
-    out = select(ref, settings, target=0.02, delta=0.05)
+    out = select(ref, settings, target=0.02, delta=0.05, reference_speed=1.0)
     choice = out["choice"]
-    assert (choice["strategy"], choice["tau"], choice["k_max"], choice["certified"]) == ("selfspec", None, 8, False)
-    assert choice["rule"] == "fallback" and choice["setting"] is None
+    assert (choice["strategy"], choice["tau"], choice["k_max"], choice["certified"]) == ("static", None, 1, False)
+    assert choice["rule"] == "plain" and choice["setting"] is None and out["candidates"] == []
+    assert "plain decoding (static k=1)" in choice["reason"]
     assert "needs n >= 203" in choice["reason"]  # n=40 can never certify target 0.02 at delta/3
     assert not any(s["certified"] for s in out["settings"])
+
+
+def test_select_never_picks_a_setting_slower_than_k1():
+    ref = [True] * 150 + [False] * 50
+    fastest = {**_setting(0.8, 4, ref, 3.0, tps=9.0), "reference_tokens_per_second": 10.0}  # 3 tok/fwd, slower
+    second = {**_setting(0.9, 4, ref, 2.0, tps=12.0), "reference_tokens_per_second": 10.0}  # measured faster
+    unmeasured = {**_setting(0.9, 8, ref, 2.5), "tokens_per_second": None}  # certified, never measured
+    settings = [_setting(0.99, 4, ref, 1.2, tps=None), second, fastest, unmeasured]
+    out = select(ref, settings, target=0.05, delta=0.05)
+    assert out["candidates"] == [(0.8, 4), (0.9, 8), (0.9, 4), (0.99, 4)]  # measuring order: tokens/forward
+    choice = out["choice"]
+    assert (choice["strategy"], choice["tau"], choice["k_max"]) == ("confadapt", 0.9, 4)
+    rows = {(s["tau"], s["k_max"]): s for s in out["settings"]}
+    assert rows[(0.8, 4)]["not_slower_than_k1"] is False and rows[(0.9, 8)]["not_slower_than_k1"] is None
+    # Everything measured slower than k=1 (or not measured): plain decoding, and the reason says why.
+    second["tokens_per_second"] = 9.5
+    out = select(ref, settings, target=0.05, delta=0.05)
+    choice = out["choice"]
+    assert (choice["strategy"], choice["tau"], choice["k_max"], choice["rule"]) == ("static", None, 1, "plain")
+    assert "measured slower than k=1" in choice["reason"] and "tau=0.8 k_max=4 9.0 vs 10.0 tok/s" in choice["reason"]
+    # The same rule under --min-speed and --speed wallclock.
+    assert select(ref, settings, target=0.05, min_speed=2.0)["choice"]["strategy"] == "static"
+    second["tokens_per_second"] = 11.0
+    fastest["tokens_per_second"] = 10.5
+    assert select(ref, settings, target=0.05, speed="wallclock")["choice"]["tau"] == 0.9  # 11 tok/s beats 10.5
+    assert select(ref, settings, target=0.05, speed="tokens")["choice"]["tau"] == 0.8  # 3 tok/fwd, not slower
+
+
+def test_select_agreement_objective():
+    n = 200
+    agree_all = [True] * n
+    two_off = [True] * (n - 2) + [False] * 2
+    settings = [{**_setting(0.99, 4, [True] * n, 1.5), "agrees": agree_all},
+                {**_setting(0.9, 4, [True] * n, 2.0), "agrees": two_off},
+                {**_setting(0.8, 4, [True] * n, 2.5), "agrees": [True] * 160 + [False] * 40}]
+    for s in settings:
+        del s["correct"]  # unlabelled prompts: agreement only
+    out = select(None, settings, target=0.95, delta=0.05, objective="agreement", reference_speed=1.0)
+    rows = out["settings"]
+    assert [r["disagreements"] for r in rows] == [0, 2, 40]
+    assert [r["agreement"] for r in rows] == [1.0, 0.99, 0.8]
+    assert rows[1]["p_value"] == pytest.approx(binom.cdf(2, n, 0.05))
+    assert [r["certified"] for r in rows] == [True, True, False] and "accuracy" not in rows[0]
+    assert out["risk"] == pytest.approx(0.05) and out["min_certifiable_n"] == 59
+    assert (out["choice"]["tau"], out["choice"]["rule"]) == (0.9, "fastest-certified")
+    # Agreement 1 is a valid target that can never be certified.
+    out = select(None, settings, target=1.0, delta=0.05, objective="agreement", reference_speed=1.0)
+    assert out["choice"]["strategy"] == "static" and "can never be certified" in out["choice"]["reason"]
+    with pytest.raises(UserError, match=r"target agreement must be in \(0, 1\]"):
+        select(None, settings, target=1.5, objective="agreement")
+
+
+def test_agreement_flags_and_parse():
+    assert agreement_flags(["5", None, "3"], ["5", None, "4"]) == [True, True, False]
+    ref_tokens, tokens = [[1, 2, 3, 4], [1, 2], [7, 8, 9]], [[1, 2, 3, 9], [1, 2], [7, 8]]
+    assert agreement_flags([None] * 3, [None] * 3, tokens=3, reference_tokens=ref_tokens,
+                           token_ids=tokens) == [True, True, False]
+    assert agreement_flags([None] * 3, [None] * 3, tokens=4, reference_tokens=ref_tokens,
+                           token_ids=tokens)[0] is False
+    assert parse_agreement("answer") is None and parse_agreement("tokens:32") == 32
+    for bad in ("tokens:0", "tokens:x", "words:3", ""):
+        with pytest.raises(UserError, match="--agreement must be"):
+            parse_agreement(bad)
 
 
 @pytest.mark.parametrize("kwargs", [{"target": 0.0}, {"target": 1.0}, {"target": 0.02, "delta": 0.0},
@@ -185,7 +251,7 @@ def _sharp_target(n: int, level: float, b: int) -> float:
 
 def _run(ref, sims, target, rep, **kwargs):
     settings = [{**template, "correct": correct[rep]} for template, correct, _ in sims]
-    return select(ref[rep], settings, target=target, delta=DELTA, **kwargs)
+    return select(ref[rep], settings, target=target, delta=DELTA, reference_speed=0.0, **kwargs)
 
 
 def _bad_certified(out, sims, target):
@@ -211,7 +277,7 @@ def test_simulated_false_certification_rate_is_at_most_delta():
             chosen_fastest += out["choice"]["setting"]["tokens_per_forward_mean"] == max(
                 s["tokens_per_forward_mean"] for s in certified)
         else:
-            chosen_fastest += out["choice"]["strategy"] == "selfspec" and not out["choice"]["certified"]
+            chosen_fastest += out["choice"]["strategy"] == "static" and not out["choice"]["certified"]
     rate = bad / REPS
     print(f"single sequence: target {target:.4f}, observed false certification {rate:.4f} (delta {DELTA})")
     assert rate <= DELTA + SLACK
@@ -258,6 +324,45 @@ def test_simulated_bonferroni_over_k_max_sequences():
     assert wrong_choice == 0
 
 
+def _simulate_agreement(rng, reps, n, sequences):
+    """Per-problem agreement with k=1 over `reps` draws: {k_max: [(tau, disagreement_rate, tokens_per_forward)]}."""
+    out = []
+    for k_max, rows in sequences.items():
+        for tau, rate, tpf in rows:
+            agrees = rng.random((reps, n)) >= rate
+            template = {"tau": tau, "k_max": k_max, "tokens_per_forward_mean": tpf, "tokens_per_forward_std": 0.0,
+                        "tokens_per_second": 10.0 * tpf}
+            out.append((template, agrees, rate))
+    return out
+
+
+def test_simulated_agreement_false_certification_rate_is_at_most_delta():
+    """The label-free certificate: P(some certified setting agrees with k=1 on less than the target) <= delta,
+    with one and with two k_max sequences (Bonferroni), on draws sharp enough that a broken rule would show."""
+    n, rng = 200, np.random.default_rng(4)
+    for m in (1, 2):
+        risk = _sharp_target(n, DELTA / m, 4)
+        target = 1 - risk  # agreement target
+        sequences = {k: [(tau, r, 1 + i * 0.5) for i, (tau, r) in enumerate(zip(
+            [0.995, 0.99, 0.95, 0.9, 0.85, 0.8, 0.6], [0.0, 0.002, 0.004, risk + 0.0005, risk + 0.001, risk + 0.0015,
+                                                       0.2]))] for k in (4, 8)[:m]}
+        sims = _simulate_agreement(rng, REPS, n, sequences)
+        bad = naive = 0
+        for rep in range(REPS):
+            settings = [{**template, "agrees": agrees[rep]} for template, agrees, _ in sims]
+            out = select(None, settings, target=target, delta=DELTA, objective="agreement", n_sequences=m,
+                         reference_speed=0.0)
+            rates = {(t["tau"], t["k_max"]): rate for t, _, rate in sims}
+            bad += any(s["certified"] and rates[(s["tau"], s["k_max"])] > risk for s in out["settings"])
+            naive += any(rate > risk and binomial_pvalue(int((~agrees[rep]).sum()), n, risk) <= DELTA
+                         for _, agrees, rate in sims)
+        print(f"agreement, {m} sequence(s): target {target:.4f}, false certification {bad / REPS:.4f}, "
+              f"per-setting testing at full delta {naive / REPS:.4f} (delta {DELTA})")
+        assert bad / REPS <= DELTA + SLACK
+        assert bad / REPS > DELTA / 8  # sharp: the bound is nearly attained
+        assert naive / REPS > DELTA + SLACK  # negative control: no fixed sequence, no Bonferroni
+
+
 def test_simulated_power_with_generous_n():
     n, reps, target, rng = 2000, 200, 0.05, np.random.default_rng(3)
     taus = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6]
@@ -298,14 +403,14 @@ def test_sweep_stops_a_sequence_at_its_first_failure():
     regressions.update({(t, 8): 30 for t in taus})
     fake = FakeEvaluator(ref, regressions)
     settings = sweep(fake, taus, [4, 8], reference=ref, target=0.02, delta=0.05)
-    assert fake.calls == [(0.99, 4), (0.95, 4), (0.9, 4), (0.99, 8)]
+    assert fake.calls == [(0.99, 4), (0.99, 8), (0.95, 4), (0.9, 4)]  # turns; k_max 8 stopped at its first
     assert [(s["tau"], s["k_max"]) for s in settings] == fake.calls
-    lazy = select(ref, settings, target=0.02, delta=0.05, n_sequences=2)
+    lazy = select(ref, settings, target=0.02, delta=0.05, n_sequences=2, reference_speed=1.0)
 
     full_fake = FakeEvaluator(ref, regressions)
     full = sweep(full_fake, taus, [4, 8], reference=ref, target=0.02, delta=0.05, full=True)
     assert len(full_fake.calls) == 10
-    eager = select(ref, full, target=0.02, delta=0.05, n_sequences=2)
+    eager = select(ref, full, target=0.02, delta=0.05, n_sequences=2, reference_speed=1.0)
     # Same certified set and the same choice: the skipped taus could never have been certified (0.8 and 0.6 at
     # k_max 4 have zero regressions but sit behind the failure at 0.9).
     def certified(out):
@@ -324,7 +429,7 @@ def test_sweep_deadline_ends_it_after_the_first_setting():
     settings = sweep(fake, [0.99, 0.9], [4, 8], reference=ref, target=0.02, delta=0.05,
                      deadline=time.perf_counter() - 1)
     assert fake.calls == [(0.99, 4)] and len(settings) == 1  # the first setting always runs; then time is up
-    out = select(ref, settings, target=0.02, delta=0.05, n_sequences=2)
+    out = select(ref, settings, target=0.02, delta=0.05, n_sequences=2, reference_speed=1.0)
     assert out["choice"]["tau"] == 0.99  # an untested tau is simply not certified
 
 
@@ -338,7 +443,7 @@ def test_pareto_plot_writes_a_png(tmp_path):
     ref = [True] * 150 + [False] * 50
     settings = [_setting(t, k, _flip(ref, r), 1 + (1 - t) * 8 * k / 8, tps=15 + 10 * (1 - t))
                 for k in (4, 8) for t, r in ((0.99, 0), (0.9, 2), (0.7, 20))]
-    out = select(ref, settings, target=0.05)
+    out = select(ref, settings, target=0.05, reference_speed=12.0)
     reference = {"accuracy": 0.75, "tokens_per_forward_mean": 1.0, "tokens_per_second": 12.0}
     path = pareto_plot(tmp_path / "pareto.png", out["settings"], reference, choice=out["choice"], target=0.05)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -398,12 +503,29 @@ def test_write_decoding_defaults_leaves_the_file_alone_on_error(tiny_model_dir, 
     (["--target-drop", "0.02", "--n", "0"], "--n must be >= 1"),
     (["--target-drop", "0.02", "--min-speed", "-1"], "--min-speed must be > 0"),
     (["--target-drop", "0.02", "--speed", "fast"], "invalid choice"),
-    ([], "--target-drop"),
+    (["--target-drop", "0.02", "--measure", "-1"], "--measure must be >= 0"),
+    ([], "give a target: --target-drop"),
+    (["--target-agreement", "0"], "--target-agreement must be in (0, 1]"),
+    (["--target-agreement", "1.01"], "--target-agreement must be in (0, 1]"),
+    (["--target-agreement", "nan"], "--target-agreement must be in (0, 1]"),
+    (["--target-agreement", "0.95", "--target-drop", "0.02"], "give one target"),
+    (["--target-agreement", "0.95", "--agreement", "tokens:0"], "--agreement must be 'answer' or 'tokens:N'"),
+    (["--target-drop", "0.02", "--agreement", "tokens:8"], "--agreement goes with --target-agreement"),
+    (["--target-drop", "0.02", "--prompts", "PROMPTS"], "--target-drop needs labelled problems"),
+    (["--target-agreement", "0.95", "--prompts", "EMPTY"], "holds no prompts"),
+    (["--target-agreement", "0.95", "--prompts", "NO_PROMPTS"], 'a non-empty string "prompt" or "question"'),
+    (["--target-agreement", "0.95", "--prompts", "MISSING"], "does not exist"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, flags, message):
     from distill.cli import main
 
     model = _model_copy(tiny_model_dir, tmp_path)
+    files = {"PROMPTS": tmp_path / "prompts.jsonl", "EMPTY": tmp_path / "empty.jsonl",
+             "NO_PROMPTS": tmp_path / "answers.jsonl", "MISSING": tmp_path / "missing.jsonl"}
+    files["PROMPTS"].write_text('{"prompt": "What is 2 + 2?"}\n')
+    files["EMPTY"].write_text("\n\n")
+    files["NO_PROMPTS"].write_text('{"answer": "#### 4"}\n')
+    flags = [str(files[f]) if f in files else f for f in flags]
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
     assert main(["tune", "--model", str(model), *flags]) == 2
     err = capsys.readouterr().err
@@ -442,6 +564,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def _never_slower(report) -> None:
+    """The tuner's own report: a ConfAdapt choice was measured at least as fast as k=1 beside it."""
+    choice = report["choice"]
+    if choice["strategy"] == "confadapt":
+        chosen = next(s for s in report["settings"] if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
+        assert chosen["tokens_per_second"] >= chosen["reference_tokens_per_second"] > 0
+        assert chosen["certified"] and choice["rule"] == "fastest-certified"
+    else:
+        assert (choice["strategy"], choice["k_max"], choice["tau"], choice["rule"]) == ("static", 1, None, "plain")
+
+
 def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys, one_torch_thread):
     from adaptive.cli import mtp_defaults
     from distill.cli import main
@@ -451,18 +584,19 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
               "--max-new-tokens", "8", "--batch-size", "4"]
     grid = ["--taus", "0.9,0.5", "--k-max", "2,4"]
 
-    # A 2-point target cannot be certified from 4 problems: said up front, then the lossless fallback is written.
+    # A 2-point target cannot be certified from 4 problems: said up front, then plain decoding is kept.
     assert main([*common, *grid, "--target-drop", "0.02"]) == 0
     captured = capsys.readouterr()
-    assert "nothing can be certified" in captured.err and "chosen: selfspec k_max=2 (not certified)" in captured.out
+    assert "nothing can be certified" in captured.err and "chosen: plain decoding (static k=1)" in captured.out
     report = json.loads((model / "tune" / "report.json").read_text())
-    assert report["certified"] is False and report["choice"]["rule"] == "fallback"
+    assert report["certified"] is False and report["choice"]["rule"] == "plain"
     assert [(s["k_max"], s["tau"]) for s in report["settings"]] == [(2, 0.9), (4, 0.9)]  # each sequence stopped
     assert [(r["k_max"], r["tau"]) for r in report["not_evaluated"]] == [(2, 0.5), (4, 0.5)]
-    assert mtp_defaults(str(model))["strategy"] == "selfspec" and mtp_defaults(str(model))["k_max"] == 2
+    assert mtp_defaults(str(model))["strategy"] == "static" and mtp_defaults(str(model))["k_max"] == 1
+    assert report["sweep"]["mode"] == "replay"
 
-    # A loose target is certifiable at n=4 (zero regressions: p = 0.1^4 <= 0.05 / 2): every setting is decoded and
-    # the fastest certified one goes into the generation config.
+    # A loose target is certifiable at n=4 (zero regressions: p = 0.1^4 <= 0.05 / 2): every setting is evaluated,
+    # the certified ones are measured beside k=1, and the choice is never slower than k=1.
     assert main([*common, *grid, "--target-drop", "0.9"]) == 0
     out = capsys.readouterr().out
     report = json.loads((model / "tune" / "report.json").read_text())
@@ -470,16 +604,20 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
     assert len(report["settings"]) == 4 and report["not_evaluated"] == []
     for s in report["settings"]:
         assert {"tau", "k_max", "accuracy", "drop", "regressions", "improvements", "p_value", "certified",
-                "tokens_per_forward_mean", "tokens_per_forward_std", "tokens_per_second"} <= set(s)
-        assert len(s["correct"]) == 4
+                "tokens_per_forward_mean", "tokens_per_forward_std", "tokens_per_second", "replayed",
+                "decoded"} <= set(s)
+        assert len(s["correct"]) == 4 and s["replayed"] + s["decoded"] == 4
         assert s["p_value"] == pytest.approx(binomial_pvalue(s["regressions"], 4, 0.9))
+    assert any(s.get("tokens_per_second") is not None for s in report["settings"])  # at least one measured
+    assert report["reference"]["speed_sample_tokens_per_second"] > 0
+    _never_slower(report)
     choice = report["choice"]
-    certified = [s for s in report["settings"] if s["certified"]]
-    assert report["certified"] is True and choice["rule"] == "fastest-certified" and certified
-    assert max(s["tokens_per_forward_mean"] for s in certified) == next(
-        s["tokens_per_forward_mean"] for s in certified if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
-    assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": choice["k_max"], "tau": choice["tau"]}
-    assert f"chosen: confadapt tau={choice['tau']:g} k_max={choice['k_max']}" in out
+    if choice["strategy"] == "confadapt":
+        assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": choice["k_max"], "tau": choice["tau"]}
+        assert f"chosen: confadapt tau={choice['tau']:g} k_max={choice['k_max']}" in out
+    else:
+        assert "measured slower than k=1" in choice["reason"] and "chosen: plain decoding (static k=1)" in out
+        assert mtp_defaults(str(model))["strategy"] == "static"
     assert (model / "tune" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (model / "tune").iterdir()) == ["pareto.png", "report.json"]
 
@@ -489,3 +627,47 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
                  "--report-dir", str(tmp_path / "r")]) == 0
     assert (model / "generation_config.json").read_bytes() == before
     assert (tmp_path / "r" / "report.json").is_file()
+
+
+def test_mtp_tune_target_agreement_on_unlabelled_prompts(tiny_model_dir, tmp_path, capsys, one_torch_thread):
+    """--target-agreement with --prompts: no gold answers; the certificate is about agreeing with k=1."""
+    from adaptive.cli import mtp_defaults
+    from distill.cli import main
+
+    model = _model_copy(tiny_model_dir, tmp_path)
+    prompts = tmp_path / "traffic.jsonl"
+    rows = [{"prompt": "Write one word."}, {"question": "What is 3 + 4?"}, {"prompt": "Name a colour."},
+            {"question": "Count to three."}, {"prompt": "Say hello."}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["tune", "--model", str(model), "--prompts", str(prompts), "--target-agreement", "0.5",
+            "--taus", "0.9,0.5", "--k-max", "2,4", "--max-new-tokens", "8", "--batch-size", "4", "--delta", "0.2"]
+    for agreement in ("answer", "tokens:4"):
+        assert main([*argv, "--agreement", agreement]) == 0
+        out = capsys.readouterr().out
+        report = json.loads((model / "tune" / "report.json").read_text())
+        assert (report["objective"], report["target"], report["agreement"], report["labelled"]) == (
+            "agreement", 0.5, agreement, False)
+        assert report["n"] == 5 and report["reference"]["accuracy"] is None and report["reference"]["correct"] is None
+        for s in report["settings"]:
+            # p = P(Bin(5, 0.5) <= disagreements); zero disagreements: 1/32 <= 0.2 / 2
+            assert s["p_value"] == pytest.approx(binom.cdf(s["disagreements"], 5, 0.5))
+            assert len(s["agrees"]) == 5 and s["agreement"] == s["agrees"].count("1") / 5
+            assert s.get("accuracy") is None and s["correct"] is None
+        assert "disagr" in out and "agree" in out
+        _never_slower(report)
+        written = mtp_defaults(str(model))
+        assert written["strategy"] == report["choice"]["strategy"]
+
+
+def test_select_min_speed_in_wallclock_ranks_unmeasured_settings_as_candidates():
+    ref = [True] * 150 + [False] * 50
+    settings = [{**_setting(0.99, 4, ref, 1.2), "tokens_per_second": None},
+                {**_setting(0.9, 4, _flip(ref, 2), 2.0), "tokens_per_second": None}]
+    out = select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)
+    assert out["candidates"] == [(0.99, 4), (0.9, 4)] and out["choice"]["strategy"] == "static"
+    settings[0]["tokens_per_second"], settings[1]["tokens_per_second"] = 18.0, 25.0  # 18 < min speed 20
+    choice = select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)["choice"]
+    assert (choice["rule"], choice["tau"]) == ("min-speed", 0.9)
+    settings[1]["tokens_per_second"] = 19.0
+    with pytest.raises(UserError, match="no setting reaches --min-speed 20"):
+        select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)
