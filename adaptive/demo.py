@@ -16,8 +16,14 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
    setting leaves greedy are decoded with it). SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate
    would be vacuous here; agreement with k=1 is what the speed trades away;
-4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=2 and k=3, ConfAdapt
-   at the tuned setting and the lossless self-speculative mode, side by side on the same machine.
+4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
+   tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
+   lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
+   model's k=1, to show what distillation cost the model's own answers.
+
+Training data: by default the model's own greedy answers to the head of the GSM8K train file
+(`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; `--train-data dataset` uses the
+reference solutions instead). At decode time the model conditions on its own text, so that is what it distils on.
 
 The three held-out sets are the tail of the GSM8K train file, which training never sees, and are disjoint from each
 other. Questions are asked zero-shot as one user turn of the chat template, the format the model is distilled on.
@@ -43,6 +49,9 @@ from distill.errors import UserError
 from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
+# The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
+# and fingerprint beside it): the demo distils on what the model itself writes and spends no budget on generating it.
+SELF_DATA = GSM8K_LOCAL.with_name("smollm2-135m-instruct.self.jsonl")
 DEMO_MARKER = CREATED_MARKER  # marks a directory the demo created, so a re-run may replace it and nothing else
 # Shares of the time budget: training 40%; tuning may start settings until 70% of the budget is spent (it always
 # evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
@@ -109,6 +118,19 @@ def _claim_demo_dir(out: Path) -> None:
     mark_created(out, "mtp demo")
 
 
+def _self_data(ds, n_train: int) -> Path:
+    """SELF_DATA, checked to answer the head of the dataset only: its questions are the first rows, none held out."""
+    from adaptive.cli import read_jsonl
+
+    if not SELF_DATA.is_file():
+        raise UserError(f"{SELF_DATA} is missing; restore it from the repository, or use --train-data dataset")
+    questions = [row.get("question") if isinstance(row, dict) else None for _, row in read_jsonl(SELF_DATA, "file")]
+    if len(questions) > n_train or questions != list(ds["query"][: len(questions)]):
+        raise UserError(f"{SELF_DATA} does not answer the first {len(questions)} questions of the dataset's training "
+                        "rows; regenerate it with the command in its NOTE, or use --train-data dataset")
+    return SELF_DATA
+
+
 def _write_jsonl(path: Path, rows) -> None:
     write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
@@ -168,6 +190,19 @@ def training_plot(model_dir: Path, path: Path) -> Path | None:
     return draw(read_log_history(model_dir), path)
 
 
+def _base_decoder():
+    """The undistilled default model (with an untrained <MTP>, which k=1 never reads) as an MTPDecoder."""
+    from adaptive.decoder import MTPDecoder
+    from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from distill.tokens import add_mtp_token
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL)
+    add_mtp_token(model, tokenizer)
+    model.eval()
+    return MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -203,6 +238,10 @@ def main(argv: list[str]) -> int:
                         help="agreement with k=1's final answers the tuner must certify, in (0, 1] "
                              f"(default {TUNE_AGREEMENT:g})")
     parser.add_argument("--delta", type=float, default=0.10, help="Learn-then-Test error level (default 0.10)")
+    parser.add_argument("--train-data", choices=("self", "dataset"),
+                        help="self: the default model's own greedy answers to the dataset's head questions "
+                             f"({SELF_DATA.relative_to(REPO)}, made by `mtp regenerate`); dataset: the dataset's "
+                             "reference answers (default: self with the default dataset, else dataset)")
     parser.add_argument("--reuse-model", action="store_true", help="skip training if the demo's model exists")
     args = parser.parse_args(argv)
     if not 1 <= args.minutes <= 24 * 60:
@@ -213,6 +252,11 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if not DEMO_RECIPE.is_file():
         raise UserError(f"recipe {DEMO_RECIPE} not found (run the demo from a checkout of the repository)")
+    default_dataset = Path(args.dataset).expanduser().resolve() == GSM8K_LOCAL.resolve()
+    train_data = args.train_data or ("self" if default_dataset else "dataset")
+    if train_data == "self" and not default_dataset:
+        raise UserError(f"--train-data self: {SELF_DATA.name} answers the questions of {GSM8K_LOCAL.name}; with "
+                        "another --dataset use --train-data dataset (or make your own with `mtp regenerate`)")
     plan = Plan.for_minutes(args.minutes)
     out = Path(args.output_dir)
     _claim_demo_dir(out)
@@ -231,8 +275,11 @@ def main(argv: list[str]) -> int:
     eval_set = tail[plan.n_calibrate + plan.n_tune :]
     (out / "data").mkdir(exist_ok=True)
     train_file = out / "data" / "train.jsonl"
-    _write_jsonl(train_file, ({"question": q, "answer": a}
-                              for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
+    if train_data == "self":
+        train_file = _self_data(ds, n_train)
+    else:
+        _write_jsonl(train_file, ({"question": q, "answer": a}
+                                  for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
 
     # 1. distil ---------------------------------------------------------------------------------------------------
     model_dir = out / "model"
@@ -299,24 +346,34 @@ def main(argv: list[str]) -> int:
     tau = choice["tau"] if certified else max(plan.taus)
     k_max = choice["k_max"] if certified else max(k_maxes)
     tuned = ConfAdapt(tau, k_max, scorer=calibrator)
-    strategies = [Static(2), Static(3), tuned, SelfSpeculative(max(k_maxes))]
+    # The same tau with the masks per step chosen by the cost-aware controller (at most k_max - 1), and the lossless
+    # mode under the same controller: the two that must never be slower than k=1.
+    tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
+    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
     print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
     reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]
     for strategy in strategies:
         reports.append(evaluate.run_eval(decoder, eval_set, strategy, reference=reports[0], **common))
+    # What distillation cost the model itself: the base model's own k=1 answers against the distilled model's k=1.
+    base = evaluate.run_eval(_base_decoder(), eval_set, Static(1), reference=reports[0], **common)
     timings["evaluate"] = time.perf_counter() - t
 
-    rows = [r.to_dict() for r in reports]
+    rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
-    rows[3]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
+    rows[2]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
+    rows[3]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
+    rows[-1]["label"] = "base model k=1 (undistilled)"
+    same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(reports[0].results, base.results))
     table = _table(rows)
     print(f"\n{table}")
     if not certified:
         print(f"\nthe tuner kept plain decoding (k=1) in the generation config: {choice['reason']}")
-    chunks = write_html(out / "chunks.html", reports[3].results, tokenizer,
+    print(f"distillation kept the model's own k=1 final answer on {100 * base.agreement:.0f}% of the questions "
+          f"({same_tokens}/{len(eval_set)} token for token)")
+    chunks = write_html(out / "chunks.html", reports[2].results, tokenizer,
                         title="mtp demo: tuned decoding, one colour per forward pass",
-                        strategy_label=strategies[2].label, stop_token_ids=decoder.stop_token_ids)
+                        strategy_label=strategies[1].label, stop_token_ids=decoder.stop_token_ids)
     timings["total"] = time.perf_counter() - started
     report = {
         "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,
@@ -326,6 +383,8 @@ def main(argv: list[str]) -> int:
         "tuning": {key: tuning[key] for key in ("n", "objective", "target_agreement", "delta", "certified", "choice",
                                                 "sweep", "reference", "settings")},
         "evaluation": rows,
+        "base_model_k1": {"answer_agreement": base.agreement, "token_identical": same_tokens, "n": len(eval_set)},
+        "train_data": str(train_file),
     }
     write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     artefacts = [p for p in (training_png, reliability_png, out / "tune" / "pareto.png", chunks, out / "report.json")
