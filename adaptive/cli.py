@@ -71,6 +71,7 @@ def mtp_defaults(name_or_path: str) -> dict:
     as a fallback for k_max), else the paper's. Read from the JSON files, so bad flags fail before the model loads."""
     from transformers import AutoConfig, GenerationConfig
 
+    from adaptive.strategies import decoding_defaults
     from distill.models import resolve_model_path
 
     path = resolve_model_path(name_or_path)
@@ -82,14 +83,7 @@ def mtp_defaults(name_or_path: str) -> dict:
         k_max_trained = getattr(AutoConfig.from_pretrained(path), "mtp_k_max", None)
     except (OSError, ValueError):
         k_max_trained = None
-    tuned = getattr(gen, "mtp_k_max", None)
-    return {
-        "strategy": getattr(gen, "mtp_strategy", None) or DEFAULT_STRATEGY,
-        # a k_max the tuner or export fixed; otherwise the controller chooses, bounded by the trained k_max
-        "k_max": (tuned if isinstance(tuned, str) else int(tuned)) if tuned else
-                 f"auto:{int(k_max_trained or DEFAULT_K_MAX)}",
-        "tau": float(getattr(gen, "mtp_tau", None) or DEFAULT_TAU),
-    }
+    return decoding_defaults(gen, k_max_trained)
 
 
 def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None,
