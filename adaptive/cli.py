@@ -210,8 +210,12 @@ def generate_main(argv: list[str]) -> int:
     wall = time.perf_counter() - start
 
     if args.json:
-        for r in results:
-            print(json.dumps({**asdict(r), "strategy": strategy.label}, ensure_ascii=False))
+        from adaptive.metrics import acceptance_metrics, is_speculative
+
+        for r in results:  # each row: its own acceptance metrics (vLLM's names), over its own wall-clock time
+            metrics = acceptance_metrics([r], speculative=is_speculative(strategy),
+                                         seconds=r.prefill_seconds + r.decode_seconds)
+            print(json.dumps({**asdict(r), "strategy": strategy.label, "metrics": metrics}, ensure_ascii=False))
     else:
         color = sys.stdout.isatty()
         for n, r in enumerate(results, 1):
