@@ -181,3 +181,37 @@ def test_directory_needs_trust_remote_code(loaded, exported):
     batch = _batch(tokenizer, PROMPTS[:1])
     with pytest.raises(ValueError, match="trust_remote_code"):
         model.generate(**batch, custom_generate=exported, max_new_tokens=NEW)
+
+
+def test_loading_with_trust_remote_code_makes_mtp_the_generate(loaded, exported):
+    """transformers' rule for a checkpoint holding custom_generate/: from_pretrained(..., trust_remote_code=True)
+    replaces `generate` with it, so the strategy kwargs work without naming custom_generate."""
+    model, tokenizer = loaded
+    remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    batch = _batch(tokenizer, PROMPTS)
+    greedy = model.generate(**batch, do_sample=False, max_new_tokens=NEW)
+    assert torch.equal(remote.generate(**batch, max_new_tokens=NEW, mtp_strategy="selfspec", mtp_k_max=4), greedy)
+    with pytest.raises(ValueError, match="greedy"):
+        remote.generate(**batch, max_new_tokens=NEW, do_sample=True)
+
+
+@pytest.mark.slow
+def test_default_model_equals_mtp_generate_and_greedy(smollm2_dir, tmp_path, capsys):
+    """The default model (SmolLM2-135M-Instruct, an untrained <MTP> added at export): every strategy through the
+    exported directory equals `mtp generate`; static k=1 and self-speculative equal plain greedy `generate`."""
+    out = str(export_model(smollm2_dir, tmp_path / "smollm2", k_max=4, tau=0.5))
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, padding_side="left")
+    batch = _batch(tokenizer, PROMPTS)
+    width = batch["input_ids"].shape[1]
+    pad = model.generation_config.pad_token_id
+    for name, kwargs, flags in STRATEGIES:
+        expected = _mtp_generate_ids(out, PROMPTS, flags, capsys)
+        got = model.generate(**batch, custom_generate=out, trust_remote_code=True, max_new_tokens=NEW,
+                             return_dict_in_generate=True, **kwargs)
+        lengths = [sum(steps) for steps in got.accepted_per_step]
+        assert _generated(got.sequences, width, pad, lengths) == expected, name
+    greedy = model.generate(**batch, do_sample=False, max_new_tokens=NEW)
+    for kwargs in ({"mtp_strategy": "static", "mtp_k": 1}, {"mtp_strategy": "selfspec", "mtp_k_max": 4}):
+        assert torch.equal(model.generate(**batch, custom_generate=out, trust_remote_code=True, max_new_tokens=NEW,
+                                          **kwargs), greedy)
