@@ -3,7 +3,7 @@
     model = AutoModelForCausalLM.from_pretrained(d)
     out = model.generate(**batch, custom_generate=d, trust_remote_code=True, tokenizer=tok,
                          mtp_strategy="confadapt", mtp_tau=0.9, mtp_k_max=16, max_new_tokens=256)
-    out = model.generate(**batch, custom_generate=adaptive.hf_generate.generate, mtp_strategy="static", mtp_k=3)
+    out = model.generate(**batch, custom_generate=adaptive.hf_generate, mtp_strategy="static", mtp_k=3)
 
 `mtp export` writes `custom_generate/generate.py` (a thin file importing this module) and a requirements.txt naming
 this package into every exported checkpoint, so the directory itself is the `custom_generate` argument. transformers
@@ -11,7 +11,7 @@ calls the function in one of two ways, and both end here:
 
 * a directory (`custom_generate=d`, needs `trust_remote_code=True`): `generate` hands over its own arguments
   unprocessed (`inputs` or `input_ids`, `attention_mask`, `generation_config`, the generation kwargs);
-* a callable (`custom_generate=generate`): `generate` first prepares a full generation config (max_length = prompt
+* a callable (`custom_generate=adaptive.hf_generate`, the module itself, or its `generate`): `generate` first prepares a full generation config (max_length = prompt
   width + max_new_tokens, EOS and pad ids) and the stopping criteria, then calls it in place of its greedy loop. In
   transformers 5.23 a callable never receives the `tokenizer` argument (it is dropped before the call), so
   `stop_strings` work only through the directory form.
@@ -36,7 +36,10 @@ every bad value (unknown strategy, tau outside (0, 1], a k_max that does not fit
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +244,15 @@ def _strategy(model, mtp: dict, calibration: bool):
         path = _model_path(model)
         scorer = load_calibrator(path) if path and Path(path).is_dir() else None
     return make_strategy(name, k=k, k_max=k_max, tau=tau, scorer=scorer)
+
+
+class _CallableModule(types.ModuleType):
+    """This module is itself a valid `custom_generate` callable: `generate(custom_generate=adaptive.hf_generate)`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+# transformers reads the callable's signature to pick out its own kwargs (mtp_*): the module shows generate's.
+__signature__ = inspect.signature(generate)
+sys.modules[__name__].__class__ = _CallableModule

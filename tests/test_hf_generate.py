@@ -84,9 +84,9 @@ def test_equals_mtp_generate_batched_and_alone(loaded, exported, capsys, name, k
     if name == "confadapt":  # spans really vary (the self-speculative oracle lives in tests/test_decoder.py)
         assert out.metrics["mean_acceptance_length"] > 1.0
         assert len({n for steps in out.accepted_per_step for n in steps}) > 1
-    for prompt, ids in zip(PROMPTS, expected):  # alone, through the callable
+    for prompt, ids in zip(PROMPTS, expected):  # alone, through the callable (the module itself)
         alone = _batch(tokenizer, [prompt])
-        one = model.generate(**alone, custom_generate=hf_generate.generate, max_new_tokens=NEW,
+        one = model.generate(**alone, custom_generate=hf_generate, max_new_tokens=NEW,
                              return_dict_in_generate=True, **kwargs)
         assert one.sequences[0, alone["input_ids"].shape[1]:].tolist() == ids
 
