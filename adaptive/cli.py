@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from adaptive.strategies import DEFAULT_K_MAX, DEFAULT_STRATEGY, DEFAULT_TAU  # noqa: F401  re-exported (paper §4.2, §7.7)
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_STRATEGY, DEFAULT_K_MAX, DEFAULT_TAU = "confadapt", 16, 0.9  # paper §4.2, §7.7
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_LOCAL = REPO / "data" / "gsm8k" / "train.jsonl"  # GSM8K (MIT, openai/grade-school-math), carried by the repository
 
