@@ -48,6 +48,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from distill.errors import UserError
+from distill.tokens import get_mtp_token_id
 
 # Arguments `generate` passes to a custom function that are fine when unset, and the model kwargs its own preparation
 # adds before calling a callable (position ids, the empty cache, ...): recomputed by the decoder.
@@ -98,6 +99,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
                                                                                                    torch.int):
         _refuse("input_ids must be a 2-D tensor of token ids [batch, length] (left-padded, with attention_mask)")
+    get_mtp_token_id(model)  # a model without <MTP> is refused before anything else, never decoded plainly
     for key in _UNSUPPORTED_WHEN_SET:
         if model_kwargs.pop(key, None) is not None:
             _refuse(f"{key} is not supported by MTP decoding")

@@ -171,8 +171,10 @@ def test_right_padding_and_models_without_mtp_are_refused(loaded, exported, no_m
     plain, tok = no_mtp_model
     ids = torch.tensor([tok("Hello there")["input_ids"]])
     with pytest.raises(ValueError, match="<MTP>"):
-        plain.generate(ids, custom_generate=exported, trust_remote_code=True, tokenizer=tok, max_new_tokens=NEW,
+        plain.generate(ids, custom_generate=exported, trust_remote_code=True, max_new_tokens=NEW,
                        mtp_strategy="selfspec", mtp_k_max=4)
+    with pytest.raises(ValueError, match="<MTP>"):  # the callable route too, whatever else is asked
+        plain.generate(ids, custom_generate=hf_generate, max_new_tokens=NEW, mtp_strategy="confadapt", mtp_tau=0.9)
 
 
 def test_directory_needs_trust_remote_code(loaded, exported):
