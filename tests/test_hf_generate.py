@@ -91,8 +91,9 @@ def test_equals_mtp_generate_batched_and_alone(loaded, exported, capsys, name, k
         assert one.sequences[0, alone["input_ids"].shape[1]:].tolist() == ids
 
 
-@pytest.mark.parametrize("kwargs", [{"mtp_strategy": "static", "mtp_k": 1}, {"mtp_strategy": "selfspec",
-                                                                               "mtp_k_max": 4}])
+@pytest.mark.parametrize("kwargs", [{"mtp_strategy": "static", "mtp_k": 1},
+                                    {"mtp_strategy": "selfspec", "mtp_k_max": 4},
+                                    {"mtp_strategy": "selfspec", "mtp_k_max": "auto:4"}])  # lossless whatever K
 def test_k1_and_selfspec_equal_plain_greedy(loaded, exported, kwargs):
     model, tokenizer = loaded
     batch = _batch(tokenizer, PROMPTS)
