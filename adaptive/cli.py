@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from adaptive.strategies import DEFAULT_K_MAX, DEFAULT_STRATEGY, DEFAULT_TAU  # noqa: F401  re-exported (paper §4.2, §7.7)
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_STRATEGY, DEFAULT_K_MAX, DEFAULT_TAU = "confadapt", 16, 0.9  # paper §4.2, §7.7
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_LOCAL = REPO / "data" / "gsm8k" / "train.jsonl"  # GSM8K (MIT, openai/grade-school-math), carried by the repository
 
@@ -71,6 +71,7 @@ def mtp_defaults(name_or_path: str) -> dict:
     as a fallback for k_max), else the paper's. Read from the JSON files, so bad flags fail before the model loads."""
     from transformers import AutoConfig, GenerationConfig
 
+    from adaptive.strategies import decoding_defaults
     from distill.models import resolve_model_path
 
     path = resolve_model_path(name_or_path)
@@ -82,14 +83,7 @@ def mtp_defaults(name_or_path: str) -> dict:
         k_max_trained = getattr(AutoConfig.from_pretrained(path), "mtp_k_max", None)
     except (OSError, ValueError):
         k_max_trained = None
-    tuned = getattr(gen, "mtp_k_max", None)
-    return {
-        "strategy": getattr(gen, "mtp_strategy", None) or DEFAULT_STRATEGY,
-        # a k_max the tuner or export fixed; otherwise the controller chooses, bounded by the trained k_max
-        "k_max": (tuned if isinstance(tuned, str) else int(tuned)) if tuned else
-                 f"auto:{int(k_max_trained or DEFAULT_K_MAX)}",
-        "tau": float(getattr(gen, "mtp_tau", None) or DEFAULT_TAU),
-    }
+    return decoding_defaults(gen, k_max_trained)
 
 
 def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None,
@@ -216,8 +210,12 @@ def generate_main(argv: list[str]) -> int:
     wall = time.perf_counter() - start
 
     if args.json:
-        for r in results:
-            print(json.dumps({**asdict(r), "strategy": strategy.label}, ensure_ascii=False))
+        from adaptive.metrics import acceptance_metrics, is_speculative
+
+        for r in results:  # each row: its own acceptance metrics (vLLM's names), over its own wall-clock time
+            metrics = acceptance_metrics([r], speculative=is_speculative(strategy),
+                                         seconds=r.prefill_seconds + r.decode_seconds)
+            print(json.dumps({**asdict(r), "strategy": strategy.label, "metrics": metrics}, ensure_ascii=False))
     else:
         color = sys.stdout.isatty()
         for n, r in enumerate(results, 1):

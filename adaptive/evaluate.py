@@ -422,10 +422,14 @@ def main(argv: list[str]) -> int:
     print(format_table(reports, reference))
 
     if json_path is not None:
+        from adaptive.metrics import acceptance_metrics, is_speculative
+
         runs = []
-        for r in reports:
+        for r, strategy in zip(reports, [Static(1)] + strategies):
             ratio = r.tokens_per_second / reference.tokens_per_second if reference.tokens_per_second else None
-            runs.append({**r.to_dict(), "speedup_vs_k1": ratio})
+            # vLLM's acceptance metrics under their names (adaptive/metrics.py); the report's own fields win
+            metrics = acceptance_metrics(r.results, speculative=is_speculative(strategy), seconds=r.seconds)
+            runs.append({**metrics, **r.to_dict(), "speedup_vs_k1": ratio})
         payload = {
             "model": args.model, "dataset": args.dataset, "split": args.split, "start": args.start,
             "n": len(problems), "format": args.format, "max_new_tokens": args.max_new_tokens,

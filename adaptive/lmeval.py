@@ -14,7 +14,8 @@ a task YAML or a directory of them (offline: point the YAML's dataset at local f
 * `loglikelihood` / `loglikelihood_rolling`: plain next-token scoring, one forward per request, so multiple-choice and
   perplexity tasks run unchanged (the masks play no part in them).
 * Speed: every decoding step's accepted span is kept (`accepted_per_step`); `tokens_per_forward` is their mean, the
-  paper's "Eff. k". They are printed after each `generate_until` call and land in the results' "config" section.
+  paper's "Eff. k". They are printed after each `generate_until` call and land in the results' "config" section,
+  with vLLM's acceptance metrics under vLLM's names (adaptive/metrics.py).
 
 Model arguments: pretrained (directory or alias), strategy (static | confadapt | selfspec; default: the model's
 generation config, else confadapt), tau, k_max, k (static), batch_size (16), max_gen_toks (256), dtype (float32),
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from adaptive.cli import DTYPES, build_strategy, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.decoder import MTPDecoder
+from adaptive.metrics import acceptance_metrics, is_speculative
 from adaptive.strategies import ConfAdapt
 from distill.errors import UserError
 
@@ -96,6 +98,7 @@ class MTPLM(TemplateLM):
                                         "max_length")
         # speed across all generate_until requests (paper §3.3: over all decoding steps of all generations)
         self.accepted_per_step: list[int] = []
+        self.generations: list = []  # every GenerationResult, for the acceptance metrics (adaptive/metrics.py)
         self.decode_seconds = 0.0
 
     @classmethod
@@ -169,6 +172,7 @@ class MTPLM(TemplateLM):
                     self.decode_seconds += time.perf_counter() - began
                     for i, result in zip(chunk, results):
                         self.accepted_per_step += result.accepted_per_step
+                        self.generations.append(result)
                         out[i] = result.text  # cut just before the first stop string
                         self.cache_hook.add_partial("generate_until", requests[i].args, result.text)
                     bar.update(len(chunk))
@@ -192,6 +196,9 @@ class MTPLM(TemplateLM):
             "mtp_tokens_per_forward_std": statistics.pstdev(steps) if steps else 0.0,
             "mtp_decode_seconds": self.decode_seconds,
             "mtp_tokens_per_second": tokens / self.decode_seconds if self.decode_seconds else 0.0,
+            # vLLM's names (mean_acceptance_length, acceptance_histogram, per-position acceptance rate, ...)
+            **acceptance_metrics(self.generations, speculative=is_speculative(self.strategy),
+                                 seconds=self.decode_seconds or None),
         }
 
     # ---- scoring: ordinary next-token log-probabilities ------------------------------------------------------------

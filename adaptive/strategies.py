@@ -166,6 +166,20 @@ class SelfSpeculative:
 
 
 STRATEGIES = ("static", "confadapt", "selfspec")
+DEFAULT_STRATEGY, DEFAULT_TAU = "confadapt", 0.9  # paper §4.2, §7.7
+
+
+def decoding_defaults(generation_config, trained_k_max=None) -> dict:
+    """{"strategy", "k_max", "tau"}: the decoding defaults a generation config records (`mtp_strategy`, `mtp_k_max`,
+    `mtp_tau`, written by `mtp export` and `mtp tune`), else the paper's. Without a fixed k_max the controller
+    chooses, bounded by the k_max the model was trained with (`config.mtp_k_max`): "auto:N"."""
+    tuned = getattr(generation_config, "mtp_k_max", None)
+    return {
+        "strategy": getattr(generation_config, "mtp_strategy", None) or DEFAULT_STRATEGY,
+        "k_max": (tuned if isinstance(tuned, str) else int(tuned)) if tuned else
+                 f"auto:{int(trained_k_max or DEFAULT_K_MAX)}",
+        "tau": float(getattr(generation_config, "mtp_tau", None) or DEFAULT_TAU),
+    }
 
 
 def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, k_max: int | None = None,

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-time", action="store_true", help="only the LoRA memory comparison")
     p.add_argument("--skip-memory", action="store_true", help="only the full fine-tune step-time comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (CUDA; default fp32)")
     p.add_argument("--worker", choices=["sft-lora", "mtp-lora"], help=argparse.SUPPRESS)  # one memory side
     return p
 
@@ -71,6 +72,8 @@ def _check(args) -> None:
         raise UserError("--warmup must be >= 1")
     if args.skip_time and args.skip_memory:
         raise UserError("nothing to measure: --skip-time and --skip-memory together")
+    if args.bf16 and _device().type != "cuda":
+        raise UserError("--bf16 needs a CUDA device (the CPU comparison runs in fp32)")
     _raw_length(args)  # k_max must fit a region
 
 
@@ -101,7 +104,8 @@ def _common_args(args, output_dir: str) -> dict:
     cuda = _device().type == "cuda"
     return dict(
         output_dir=output_dir, per_device_train_batch_size=args.batch_size, learning_rate=1e-5, weight_decay=0.1,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", use_cpu=not cuda, bf16=False,
+        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", use_cpu=not cuda,
+        bf16=bool(getattr(args, "bf16", False)),
         report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
     )
 
@@ -382,7 +386,7 @@ def _measure(args, argv: list[str]) -> dict:
     report = {"config": {"model": args.model, "device": str(_device()), "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "num_regions": args.num_regions, "k_min": args.k_min,
                          "k_max": args.k_max, "steps": args.steps, "warmup": args.warmup, "lora_r": args.lora_r,
-                         "dataset": args.dataset}}
+                         "dataset": args.dataset, "bf16": args.bf16}}
     if not args.skip_time:
         report["step_time"] = measure_step_time(args)
     if not args.skip_memory:

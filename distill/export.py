@@ -17,6 +17,19 @@ defaults as extra attributes (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, `mtp_mask_
 An input without `<MTP>` (an untrained base) is exported too, after adding the token: that is an *untrained
 conversion* — the mask row is initialised but never trained, so multi-token spans from it are not meaningful.
 
+Serving. The export also carries what the serving stacks read (nothing of it is needed by plain transformers,
+which loads the directory with `trust_remote_code` off):
+  * `custom_generate/generate.py` (+ `requirements.txt` naming this package): the directory is a
+    `model.generate(custom_generate=DIR, trust_remote_code=True, mtp_strategy=..., ...)` argument
+    (adaptive/hf_generate.py);
+  * `config.pard_token` = the `<MTP>` id: vLLM's parallel drafting (`speculative_config = {"method": "draft_model",
+    "model": DIR, "parallel_drafting": true, "num_speculative_tokens": K}`) fills the draft's K − 1 extra query slots
+    with the id it reads from the draft's config.json: `dflash_config.mask_token_id`, `mask_token_id`,
+    `dspark_noise_token_id`, `pard_token` or `ptd_token_id`, the first one present
+    (vllm/v1/spec_decode/llm_base_proposer.py `_init_parallel_drafting_params`, vLLM main at commit 00c4f22d;
+    `pard_token` is the key every vLLM release with parallel drafting reads). Serving the checkpoint as its own
+    draft model is the lossless self-speculative mode (launch/vllm_serve.sh).
+
 The directory is written to a temporary sibling and renamed into place (os.replace), with the marker file of
 distill/files.py and the user's umask on every file. An existing non-empty output is only replaced with --overwrite,
 and only when `mtp export` created it (the marker); an output that is, contains or lies inside the source model (or
@@ -172,6 +185,35 @@ def _check_decodable(strategy: str, k_max: int, tau: float) -> None:
         raise UserError(f"--k-max {k_max} cannot be stored as a decoding default: {exc}") from None
 
 
+CUSTOM_GENERATE_PY = '''"""MTP decoding for transformers' `generate(custom_generate=<this checkpoint>, trust_remote_code=True)`.
+
+Written by `mtp export`. The decoder itself is `adaptive.hf_generate` of the mtp-selfdistill package
+(requirements.txt): strategy kwargs mtp_strategy ("confadapt" | "static" | "selfspec"), mtp_tau, mtp_k_max, mtp_k.
+"""
+
+from adaptive.hf_generate import generate  # noqa: F401
+'''
+
+
+def _package_requirement() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"mtp-selfdistill>={version('mtp-selfdistill')}\n"
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "mtp-selfdistill\n"
+
+
+def write_custom_generate(directory) -> Path:
+    """`custom_generate/generate.py` + `custom_generate/requirements.txt` in an exported checkpoint: the directory is
+    then a `custom_generate` argument of `model.generate` (transformers runs it only with trust_remote_code=True)."""
+    folder = Path(directory) / "custom_generate"
+    folder.mkdir(exist_ok=True)
+    (folder / "generate.py").write_text(CUSTOM_GENERATE_PY, encoding="utf-8")
+    (folder / "requirements.txt").write_text(_package_requirement(), encoding="utf-8")
+    return folder
+
+
 def _replace_dir(tmp: Path, output: Path) -> None:
     """Move the finished tmp dir to `output`; an old output is moved aside first and removed only afterwards."""
     old = None
@@ -218,12 +260,15 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     model.generation_config = mtp_generation_config(model, tokenizer, strategy=strategy, k_max=k_max, tau=tau)
     model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
+    # vLLM's parallel drafting reads the mask id of the draft model's config.json (see the module docstring)
+    model.config.pard_token = int(model.config.mtp_mask_token_id)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_custom_generate(tmp)
         mark_created(tmp, "mtp export")
         share_files(tmp)  # the export is meant to be shared: the user's umask, not the savers' 0600
         _replace_dir(tmp, output)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 # Forward-cost tables of tiny test models stay out of the user's cache (adaptive/controller.py).
 os.environ.setdefault("MTP_FORWARD_COST_CACHE", str(Path(tempfile.mkdtemp(prefix="mtp-costs-")) / "forward_costs.json"))
+# transformers copies a checkpoint's custom_generate/generate.py into its modules cache: a temporary one here.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="mtp-hf-modules-"))
 
 import pytest
 import torch

@@ -283,6 +283,11 @@ def test_mtp_evaluate_end_to_end(tiny_model_dir, small_gsm8k, tmp_path, capsys):
     assert static2["tokens_per_forward_mean"] > 1 and ref["tokens_per_forward_mean"] == 1
     for run in report["runs"]:
         assert len(run["answers"]) == len(run["correct"]) == len(run["texts"]) == 3 and run["seconds"] > 0
+        # vLLM's acceptance metrics under their names (adaptive/metrics.py), consistent with the report's own speed
+        assert run["mean_acceptance_length"] == pytest.approx(run["tokens_per_forward_mean"])
+        assert run["num_drafts"] == run["forwards"] and sum(run["acceptance_histogram"]) == run["forwards"]
+        assert len(run["per_position_acceptance_rate"]) == len(run["acceptance_histogram"]) - 1
+    assert static2["per_position_acceptance_rate"][0] > 0 and ref["acceptance_histogram"] == [ref["forwards"]]
     table = out.strip().splitlines()
     assert len(table) == 5 and table[0].split()[:2] == ["strategy", "accuracy"] and " ref " in table[1]
 

@@ -158,3 +158,66 @@ def test_export_bad_options(tiny_model_dir, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+# vLLM (main at commit 00c4f22d, vllm/v1/spec_decode/llm_base_proposer.py `_init_parallel_drafting_params`): the id a
+# parallel-drafting draft model puts in its extra query slots, read from the draft's config as transformers loaded it
+# (vLLM's ModelConfig holds the draft's config.json as a transformers PretrainedConfig, `hf_config`). vLLM itself needs
+# CUDA and is not a dependency, so this is the lookup re-implemented, in vLLM's order.
+def _vllm_parallel_drafting_token_id(hf_config) -> int:
+    dflash_config = getattr(hf_config, "dflash_config", None)
+    if dflash_config and "mask_token_id" in dflash_config:
+        return dflash_config["mask_token_id"]
+    if getattr(hf_config, "mask_token_id", None) is not None:
+        return hf_config.mask_token_id
+    for name in ("dspark_noise_token_id", "pard_token", "ptd_token_id"):
+        if hasattr(hf_config, name):
+            return getattr(hf_config, name)
+    raise ValueError("For parallel drafting, the draft model config must have `dflash_config.mask_token_id`, "
+                     "`mask_token_id`, `dspark_noise_token_id`, `pard_token`, or `ptd_token_id`")
+
+
+# vllm/config/speculative.py (commit 002e77c1): the SpeculativeConfig fields launch/vllm_serve.sh sets, and the
+# values of `method` (the SpeculativeMethod literal) that run a separate draft checkpoint.
+VLLM_SPECULATIVE_FIELDS = {"method", "model", "parallel_drafting", "num_speculative_tokens"}
+
+
+def test_export_serves_custom_generate_and_vllm(tiny_model_dir, base_without_mtp, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    out = export_model(tiny_model_dir, tmp_path / "exported", k_max=4)
+    source = (out / "custom_generate" / "generate.py").read_text()
+    assert "from adaptive.hf_generate import generate" in source
+    assert (out / "custom_generate" / "requirements.txt").read_text().startswith("mtp-selfdistill")
+    config = json.loads((out / "config.json").read_text())
+    assert config["pard_token"] == config["mtp_mask_token_id"]
+    assert "n_predict" not in config and "mask_token_id" not in config  # nothing vLLM would read before pard_token
+
+    # plain transformers, remote code off: the custom generate is not picked up, greedy decoding works
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    assert getattr(model.generate, "__func__", None) is type(model).generate
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert _greedy(model, ids, 4)[:4] == [5, 6, 7, 8]
+
+    assert _vllm_parallel_drafting_token_id(AutoConfig.from_pretrained(out)) == config["mtp_mask_token_id"]
+    plain = AutoConfig.from_pretrained(base_without_mtp)  # a checkpoint that was never exported has no such key
+    with pytest.raises(ValueError, match="parallel drafting"):
+        _vllm_parallel_drafting_token_id(plain)
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "vllm_serve.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(script), "--print-config", str(out), "3"], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    spec = json.loads(run.stdout)
+    assert set(spec) == VLLM_SPECULATIVE_FIELDS
+    assert spec == {"method": "draft_model", "model": str(out), "parallel_drafting": True,
+                    "num_speculative_tokens": 3}
+    bad = subprocess.run(["bash", str(script), "--print-config", base_without_mtp], capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode == 2 and "pard_token" in bad.stderr

@@ -138,6 +138,8 @@ def test_simple_evaluate_with_local_tasks(lm, tmp_path):
     assert lm.tokens_per_forward == pytest.approx(statistics.fmean(lm.accepted_per_step))
     config = results["config"]
     assert config["mtp_strategy"] == "static(k=2)" and config["mtp_tokens_per_forward_mean"] == lm.tokens_per_forward
+    assert config["mean_acceptance_length"] == pytest.approx(lm.tokens_per_forward)  # vLLM's name, the same number
+    assert config["num_drafts"] == len(lm.accepted_per_step) and config["tokens_per_second"] > 0
 
     # multiple choice runs on plain next-token log-likelihoods: each choice's score is the hand-computed one
     choice = results["samples"]["mtp_choice_tiny"]

@@ -134,6 +134,7 @@ def test_bidirectional_ablation_changes_what_the_rule_says(tiny_model_dir, tiny_
     assert (groups[:, 1:] > 1e-3).all()  # every mask slot (the last one via deeper layers)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention through transformers needs torch.compile; "
                     "on CPU that compile takes about a minute")
 def test_packed_equals_alone_flex_cuda(tiny_model_dir, tiny_tokenizer, gsm8k_path):

@@ -257,3 +257,12 @@ def test_bench_train_rejects_bad_flags():
         bench(["--skip-time", "--skip-memory"])
     with pytest.raises(UserError, match="does not fit"):
         bench(["--seq-len", "12", "--num-regions", "3", "--k-max", "8"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine --bf16 is valid (launch/gpu_check.sh runs it)")
+def test_bench_train_bf16_needs_cuda(capsys):
+    from distill.cli import main as mtp_main
+
+    assert mtp_main(["bench-train", "--bf16", "--skip-memory"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--bf16" in err and err.count("\n") == 1
