@@ -128,16 +128,14 @@ def _run_hf(model, tokenizer, prompts, batch_size, max_new_tokens, stops, lookup
 
 
 def _run_mtp(decoder, strategy, prompts, batch_size, max_new_tokens):
-    """(rows of generated ids, seconds, per-row forward passes)."""
-    rows, forwards = [], []
+    """(rows of generated ids, seconds, the GenerationResults)."""
+    results = []
     _sync(decoder.model.device)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        for r in decoder.generate(prompts[i : i + batch_size], strategy, max_new_tokens=max_new_tokens):
-            rows.append(r.token_ids)
-            forwards.append(r.forward_passes)
+        results += decoder.generate(prompts[i : i + batch_size], strategy, max_new_tokens=max_new_tokens)
     _sync(decoder.model.device)
-    return rows, time.perf_counter() - start, forwards
+    return [r.token_ids for r in results], time.perf_counter() - start, results
 
 
 def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int], max_new_tokens: int,
@@ -146,6 +144,7 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
     (the model's calibrator, so tau means what `mtp tune` certified)."""
     from adaptive.cli import stop_ids
     from adaptive.decoder import MTPDecoder
+    from adaptive.metrics import acceptance_metrics, is_speculative
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
     stops = stop_ids(model, tokenizer)
@@ -165,6 +164,7 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
         for mode in modes:
             bar.set_postfix_str(f"batch {b} {mode}")
             warm = prompts[:b]
+            metrics = None
             if mode.startswith("hf-"):
                 lookup = mode == "hf-prompt-lookup"
                 _run_hf(model, tokenizer, warm[:1] if lookup else warm, b, WARMUP_TOKENS, stops, lookup)
@@ -176,9 +176,10 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
             else:
                 strategy = by_label[mode]
                 _run_mtp(decoder, strategy, warm, b, WARMUP_TOKENS)
-                rows, seconds, forwards = _run_mtp(decoder, strategy, prompts, b, max_new_tokens)
+                rows, seconds, generated = _run_mtp(decoder, strategy, prompts, b, max_new_tokens)
                 tokens = sum(len(r) for r in rows)
-                tpf = tokens / max(sum(forwards), 1)
+                tpf = tokens / max(sum(r.forward_passes for r in generated), 1)
+                metrics = acceptance_metrics(generated, speculative=is_speculative(strategy), seconds=seconds)
                 note = ""
             if mode == "hf-greedy":
                 greedy_rows = rows
@@ -188,6 +189,7 @@ def run_bench(model, tokenizer, questions: list[str], *, batch_sizes: list[int],
                 "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
                 "tokens_per_forward": tpf, "lossless": lossless.get(mode, False),
                 "equal_to_hf_greedy": f"{equal}/{len(rows)}", "equal_fraction": equal / len(rows), "note": note,
+                **({"acceptance": metrics} if metrics else {}),  # vLLM's names (adaptive/metrics.py)
             })
             bar.update(1)
     bar.close()

@@ -50,6 +50,9 @@ def test_bench_decode_k_max_list_with_auto(tiny_model_dir, gsm8k_path, capsys):
                      "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=4)", "selfspec(k_max=auto:3)"]
     by = {r["mode"]: r for r in doc["results"]}
     assert by["static(k=1)"]["ratio_vs_k1"] == 1.0 and by["selfspec(k_max=auto:3)"]["equal_to_hf_greedy"] == "2/2"
+    acc = by["confadapt(tau=0.5,k_max=4)"]["acceptance"]
+    assert acc["mean_acceptance_length"] == pytest.approx(by["confadapt(tau=0.5,k_max=4)"]["tokens_per_forward"])
+    assert "acceptance" not in by["hf-greedy"]
     assert doc["k_max"] == [4, "auto:3"]
 
 
