@@ -49,11 +49,20 @@ def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool =
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     not_mtp = UserError(f"{name_or_path} is not an MTP model (no config.mtp_mask_token_id); train it with "
                         "`mtp train`, or pass --add-mtp-token to try an untrained conversion")
-    tokenizer = load_tokenizer(name_or_path)
-    config_file = Path(resolve_model_path(name_or_path)) / "config.json"
-    if not convert and config_file.is_file() and read_config(config_file.parent).get("mtp_mask_token_id") is None:
-        raise not_mtp  # before loading the weights
-    model = load_model(name_or_path, dtype=DTYPES[dtype])
+    path = Path(resolve_model_path(name_or_path))
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # A LoRA run's output (`mtp train` with use_peft): the base gets the same <MTP> row, then the adapter is
+        # merged in, exactly as `mtp export` does.
+        from distill.export import load_for_export
+
+        model, tokenizer = load_for_export(str(path))
+        model = model.to(DTYPES[dtype])
+    else:
+        tokenizer = load_tokenizer(name_or_path)
+        config_file = path / "config.json"
+        if not convert and config_file.is_file() and read_config(path).get("mtp_mask_token_id") is None:
+            raise not_mtp  # before loading the weights
+        model = load_model(name_or_path, dtype=DTYPES[dtype])
     check_position_ids(model)
     if MTP_TOKEN not in tokenizer.get_vocab() or getattr(model.config, "mtp_mask_token_id", None) is None:
         if not convert:

@@ -113,6 +113,13 @@ def test_lora_adapter_round_trip(base_without_mtp, tmp_path, save_embedding_laye
     assert not torch.equal(exported.get_input_embeddings().weight[mask_id], fresh.get_input_embeddings().weight[mask_id])
     assert isinstance(peft_model, PeftModel)
 
+    # The decoding commands load the adapter directory itself the same way (merged onto the rebuilt base).
+    from adaptive.cli import load_mtp_model
+
+    direct, direct_tok = load_mtp_model(str(adapter_dir))
+    assert direct.config.mtp_mask_token_id == mask_id
+    _assert_same_model(peft_model, direct, direct_tok, mask_id)
+
 
 def test_untrained_base_gets_mtp_token(base_without_mtp, tmp_path, capsys):
     out = export_model(base_without_mtp, tmp_path / "converted", dtype="bfloat16", strategy="selfspec")
