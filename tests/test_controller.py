@@ -9,15 +9,15 @@ import json
 import random
 
 import pytest
-import torch
 
 from adaptive.controller import (COST_QUERY_LENGTHS, PROBE_INTERVALS, PROBE_MASKS, ForwardCost, SpanController,
                                  best_mask_count, cost_key)
 from adaptive.decoder import MTPDecoder
 from adaptive.strategies import ConfAdapt, SelfSpeculative, make_strategy, parse_k_max
 from distill.errors import UserError
-from tests.conftest import rigged_tiny_model
 from tests.test_decoder import N_NEW, RIG_TAU, check_against_from_scratch, hf_greedy
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py; `rig` comes from there too
 
 CPU_COST = {1: 1.0, 2: 1.15, 3: 1.3, 4: 1.45, 5: 1.6}  # two CPU cores: every query token costs ~15 %
 
@@ -164,19 +164,6 @@ def test_cost_table_is_measured_once_cached_and_keyed(rig, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- decoder oracles
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def rig(tiny_model_dir):
-    return rigged_tiny_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import rigged_tiny_model
 from transformers import GenerationConfig
 
 from adaptive.decoder import GenerationResult, MTPDecoder, StepTrace
@@ -70,23 +69,12 @@ def check_against_from_scratch(model, traces: list[StepTrace], atol: float = 1e-
     return checked
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Decoding runs hundreds of small forwards; on a shared 2-core machine two OpenMP threads spin against other
-    processes (measured with other jobs running: 307 s with two threads, 93 s with one), so it runs single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fast fixtures: rigged tiny model, 16 mixed-length prompts, their greedy continuations
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def rig(tiny_model_dir):
-    return rigged_tiny_model(tiny_model_dir)
-
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:

@@ -23,12 +23,7 @@ K_MAXES = (2, 4, 8)
 NEAR_TIE = 1e-5  # a confidence this close to tau may compare differently in the packed and the KV-cache forward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
