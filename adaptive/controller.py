@@ -22,9 +22,9 @@ as a chain of conditional rates q_i = P(run ≥ i | run ≥ i − 1), counted ov
 reached i − 1, with exponentially decaying counts (recent text predicts the next step better than old text) and a
 weak optimistic prior (q_i = 1/2 with weight 1), so an untrained `<MTP>` is dropped after a few steps and a trained
 one is kept. The prefill reads every mask almost for free (its query is the whole prompt), which gives the first
-observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with a few masks,
-at intervals that double while probes find nothing (8, 16, … 64 steps) and reset once they do; a probe costs about
-c(L + 3)/c(L) − 1 of one forward.
+observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with one mask (the
+link every longer span needs), at intervals that double while probes find nothing (16, 32, … 128 steps) and reset
+once they do; a probe costs about c(L + 1)/c(L) − 1 of one forward.
 
 Self-speculative decoding pays for a draft twice: as a mask now and as a query token when the next forward verifies
 it, and a row uses new drafts only if all of its current drafts are verified. Its rate is therefore
@@ -56,8 +56,8 @@ COST_QUERY_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 COST_CONTEXT = 128  # cached tokens during the measurement: a typical prompt
 COST_REPEATS = 2  # the minimum of repeats is the least disturbed figure on a shared machine
 COST_FILE = "forward_costs.json"
-PROBE_MASKS = 3
-PROBE_INTERVALS = (8, 16, 32, 64)
+PROBE_MASKS = 1  # the first mask position is the link every longer span needs; one extra query token per row
+PROBE_INTERVALS = (16, 32, 64, 128)
 PRIOR_RATE, PRIOR_WEIGHT = 0.5, 1.0
 DECAY = 0.9  # per observed step; about ten recent steps dominate
 MIN_GAIN = 1.01  # a longer query must beat the shorter one by 1 % (cost-table noise is about that)
