@@ -35,7 +35,7 @@ from distill.errors import UserError
 
 STEP_TIME_GOAL = 1.4
 MEMORY_GOAL = 1.10
-DEFAULT_DATASET = "../shared/data/gsm8k/train.jsonl"
+DEFAULT_DATASET = "data/gsm8k/train.jsonl"
 
 
 def _parser() -> argparse.ArgumentParser:
