@@ -614,18 +614,10 @@ def _position_table(calibrator: Calibrator, held: CalibrationSamples, calibrated
 
 
 def _held_out_questions(dataset: str, split: str, n: int) -> list[str]:
-    import datasets
+    from distill.data import load_examples, quiet_datasets
 
-    from distill.data import load_examples
-
-    quiet = not datasets.are_progress_bars_disabled()
-    if quiet:  # a few dozen questions: datasets' "Generating train split" bars would only be noise
-        datasets.disable_progress_bars()
-    try:
+    with quiet_datasets():  # a few dozen questions: datasets' "Generating train split" bars would only be noise
         ds = load_examples(dataset, split)
-    finally:
-        if quiet:
-            datasets.enable_progress_bars()
     if len(ds) < n:
         raise UserError(f"dataset {dataset} has {len(ds)} rows; --n asks for {n}")
     return list(ds["query"][len(ds) - n :])

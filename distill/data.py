@@ -15,6 +15,8 @@ from a local .json/.jsonl/.parquet file, always through `datasets`.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -141,19 +143,26 @@ def load_examples(name_or_path: str, split: str = "train", *, question_column: s
 QUESTION_COLUMNS = ("question", "query", "prompt")
 
 
-def load_questions(name_or_path: str, split: str = "train", *, column: str | None = None) -> list[str]:
-    """The prompts of a dataset, in order: `column`, else the first of question / query / prompt it has. A missing
-    column or a row whose prompt is not a non-empty string is one UserError."""
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets' own progress bars off inside the block (and back on after, if they were on)."""
     import datasets
 
     quiet = not datasets.are_progress_bars_disabled()
-    if quiet:  # the "Generating train split" bar of a local file is noise before a command's own progress bar
+    if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = _load_raw(name_or_path, split)
+        yield
     finally:
         if quiet:
             datasets.enable_progress_bars()
+
+
+def load_questions(name_or_path: str, split: str = "train", *, column: str | None = None) -> list[str]:
+    """The prompts of a dataset, in order: `column`, else the first of question / query / prompt it has. A missing
+    column or a row whose prompt is not a non-empty string is one UserError."""
+    with quiet_datasets():  # the "Generating train split" bar of a local file is noise before a command's own bar
+        ds = _load_raw(name_or_path, split)
     columns = ds.column_names
     if column is None:
         column = next((c for c in QUESTION_COLUMNS if c in columns), None)
