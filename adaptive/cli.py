@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adaptive.strategies import DEFAULT_K_MAX, DEFAULT_STRATEGY, DEFAULT_TAU  # noqa: F401  re-exported (paper §4.2, §7.7)
+from distill.adapters import attach_mask_adapter, exported_adapter
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
@@ -52,10 +53,10 @@ def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool =
     path = Path(resolve_model_path(name_or_path))
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         # A LoRA run's output (`mtp train` with use_peft): the base gets the same <MTP> row, then the adapter is
-        # merged in, exactly as `mtp export` does.
+        # merged in, exactly as `mtp export` does; a mask-only adapter is attached and gated (distill/adapters.py).
         from distill.export import load_for_export
 
-        model, tokenizer = load_for_export(str(path))
+        model, tokenizer = load_for_export(str(path), mask_adapter="gate")
         model = model.to(DTYPES[dtype])
     else:
         tokenizer = load_tokenizer(name_or_path)
@@ -63,6 +64,9 @@ def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool =
         if not convert and config_file.is_file() and read_config(path).get("mtp_mask_token_id") is None:
             raise not_mtp  # before loading the weights
         model = load_model(name_or_path, dtype=DTYPES[dtype])
+        kept = exported_adapter(path)
+        if kept is not None:  # an export that keeps its mask-only adapter beside the base weights
+            model = attach_mask_adapter(model, kept)
     check_position_ids(model)
     if MTP_TOKEN not in tokenizer.get_vocab() or getattr(model.config, "mtp_mask_token_id", None) is None:
         if not convert:

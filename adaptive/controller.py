@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from distill.adapters import mask_gate_of
+
 from distill.files import write_text_atomically
 
 # Query lengths the cost table measures; between them c(q) is interpolated linearly, beyond the last extrapolated.
@@ -234,7 +236,12 @@ def cost_key(model) -> str:
     device = model.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     attn = getattr(cfg, "_attn_implementation", None) or "default"
-    return f"{shape}|{model.dtype}|{attn}|{where}|torch{torch.__version__}"
+    key = f"{shape}|{model.dtype}|{attn}|{where}|torch{torch.__version__}"
+    gate = mask_gate_of(model)
+    if gate is not None:  # a mask-only adapter's LoRA layers run whenever masks are in the query
+        ranks = sorted({int(r) for layer in gate.layers for r in layer.r.values()})
+        key += f"|mask-lora{len(gate.layers)}r{'-'.join(map(str, ranks))}"
+    return key
 
 
 def _read_cache(path: Path) -> dict:
@@ -253,13 +260,17 @@ def measure_forward_costs(model, mask_token_id: int, rows: int) -> list[float]:
     device = model.device
     was_training = model.training
     model.eval()
-    context = torch.full((rows, COST_CONTEXT), mask_token_id, dtype=torch.long, device=device)
+    # Real tokens, and a mask in every query of two or more: a decoding step is [pending tokens, masks], and a model
+    # with a mask-only adapter (distill/adapters.py) runs its adapter exactly when a mask is present.
+    real = 0 if mask_token_id != 0 else 1
+    context = torch.full((rows, COST_CONTEXT), real, dtype=torch.long, device=device)
     base = DynamicCache(config=model.config)
     model(input_ids=context, past_key_values=base, use_cache=True)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def once(q: int) -> float:
-        ids = torch.full((rows, q), mask_token_id, dtype=torch.long, device=device)
+        ids = torch.full((rows, q), real, dtype=torch.long, device=device)
+        ids[:, 1:] = mask_token_id
         pos = torch.arange(COST_CONTEXT, COST_CONTEXT + q, device=device).expand(rows, q)
         attn = torch.ones(rows, COST_CONTEXT + q, dtype=torch.long, device=device)
         _sync(device)

@@ -49,6 +49,15 @@ from pathlib import Path
 
 import torch
 
+from distill.adapters import (
+    EXPORT_SUBDIR,
+    attach_mask_adapter,
+    exported_adapter,
+    gate_model,
+    is_mask_only,
+    read_marker,
+    write_marker,
+)
 from distill.errors import UserError
 from distill.files import check_replaceable_dir, mark_created, share_files
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -91,8 +100,9 @@ def _adapter_tokenizer(adapter_dir: Path):
     return tokenizer
 
 
-def _load_adapter(adapter_dir: Path):
-    """Base + adapter, merged. The base must get exactly the vocabulary the adapter was trained with."""
+def _load_peft(adapter_dir: Path):
+    """(PeftModel on its base, tokenizer, whether the tokenizer has <MTP>). The base gets exactly the vocabulary the
+    adapter was trained with."""
     from peft import PeftModel
 
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -107,6 +117,8 @@ def _load_adapter(adapter_dir: Path):
             raise UserError(f"{adapter_dir / pickled[0]} is a pickle, which is never loaded (safetensors only); save "
                             "the adapter with safe_serialization=True (peft's default) as adapter_model.safetensors")
         raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
+    if is_mask_only(adapter_dir):
+        read_marker(adapter_dir)  # a malformed record is one error line, before the weights load
     tokenizer = _adapter_tokenizer(adapter_dir)
     base = load_model(base_name, dtype=torch.float32)
     trained_with_mtp = MTP_TOKEN in tokenizer.get_vocab()
@@ -120,19 +132,56 @@ def _load_adapter(adapter_dir: Path):
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, OSError) as exc:
         raise UserError(f"cannot load adapter {adapter_dir} onto {base_name}: {str(exc).strip().splitlines()[0]}") from exc
-    model = peft_model.merge_and_unload()
-    if not trained_with_mtp:
-        _warn_untrained(str(adapter_dir))
-        add_mtp_token(model, tokenizer)
-    return model, tokenizer
+    return peft_model, tokenizer, trained_with_mtp
 
 
-def load_for_export(model_dir: str):
-    """(merged float32 model, tokenizer with <MTP>) for a full checkpoint, an alias, or a LoRA adapter directory."""
+def _without_lora(peft_model):
+    """The base with only the adapter's trained token rows (<MTP>) merged: every LoRA B zeroed, then merged."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for lora_b in module.lora_B.values():
+                    lora_b.weight.zero_()
+    return peft_model.merge_and_unload()
+
+
+def load_for_export(model_dir: str, *, mask_adapter: str = "merge"):
+    """(float32 model, tokenizer with <MTP>) for a full checkpoint, an alias, or a LoRA adapter directory.
+
+    A plain LoRA adapter is merged. A mask-only adapter (distill/adapters.py), saved by training or kept by an export:
+      mask_adapter="gate"   attached and gated, for decoding (k=1 is the base model's);
+      mask_adapter="split"  the PeftModel itself, for `export_model` to save the adapter and the base separately;
+      mask_adapter="merge"  merged into the weights like any LoRA (every position then runs the adapted weights).
+    """
     path = Path(model_dir).expanduser()
     if (path / "adapter_config.json").is_file():
-        return _load_adapter(path)
-    return _load_full(model_dir)
+        peft_model, tokenizer, trained_with_mtp = _load_peft(path)
+        mask_only = is_mask_only(path)
+        if mask_only and mask_adapter == "gate":
+            model = peft_model.get_base_model()
+            gate_model(model, read_marker(path)["mask_token_id"], skip_unmasked=True)
+            return model, tokenizer
+        if mask_only and mask_adapter == "split":
+            return peft_model, tokenizer
+        model = peft_model.merge_and_unload()
+        if not trained_with_mtp:
+            _warn_untrained(str(path))
+            add_mtp_token(model, tokenizer)
+        return model, tokenizer
+    model, tokenizer = _load_full(model_dir)
+    kept = exported_adapter(path) if path.is_dir() else None
+    if kept is not None:
+        if mask_adapter == "gate":
+            return attach_mask_adapter(model, kept), tokenizer
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(kept))
+        if mask_adapter == "split":
+            return peft_model, tokenizer
+        return peft_model.merge_and_unload(), tokenizer
+    return model, tokenizer
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -246,26 +295,39 @@ def _sources(model_dir) -> list:
 
 def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: str = "float32",
                  k_max: int | None = None, tau: float = DEFAULT_TAU, strategy: str = "confadapt",
-                 overwrite: bool = False) -> Path:
-    """Export `model_dir` (checkpoint, alias or LoRA adapter dir) to a plain safetensors HF directory; return it."""
+                 overwrite: bool = False, merge_adapter: bool = False) -> Path:
+    """Export `model_dir` (checkpoint, alias or LoRA adapter dir) to a plain safetensors HF directory; return it.
+
+    A mask-only adapter (distill/adapters.py) is kept unmerged in `<output>/mtp_adapter/`, beside the base weights with
+    the trained <MTP> row: plain transformers then loads the base model itself, and this package's loaders attach
+    the adapter. `merge_adapter` merges it into the weights instead (one set of weights for tools that cannot gate by
+    token, e.g. a vLLM draft model; k=1 decoding of the merged weights is no longer the base model's)."""
+    from peft import PeftModel
+
     _check_options(strategy, k_max, tau, dtype)
     output = check_replaceable_dir(output_dir, command="mtp export", flag="--output", overwrite=overwrite,
                                    sources=_sources(model_dir))
 
-    model, tokenizer = load_for_export(str(model_dir))
+    model, tokenizer = load_for_export(str(model_dir), mask_adapter="merge" if merge_adapter else "split")
+    adapter = model if isinstance(model, PeftModel) else None
+    config = model.config
     if k_max is None:
-        k_max = int(getattr(model.config, "mtp_k_max", None) or DEFAULT_K_MAX)
+        k_max = int(getattr(config, "mtp_k_max", None) or DEFAULT_K_MAX)
     _check_decodable(strategy, k_max, tau)
-    model.config.mtp_k_max = int(k_max)
-    model.generation_config = mtp_generation_config(model, tokenizer, strategy=strategy, k_max=k_max, tau=tau)
-    model.to(DTYPES[dtype])
-    model.config.dtype = DTYPES[dtype]
-    # vLLM's parallel drafting reads the mask id of the draft model's config.json (see the module docstring)
-    model.config.pard_token = int(model.config.mtp_mask_token_id)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
     try:
+        if adapter is not None:  # the adapter first, then the base with the trained <MTP> row only
+            adapter.save_pretrained(tmp / EXPORT_SUBDIR)
+            write_marker(tmp / EXPORT_SUBDIR, int(config.mtp_mask_token_id))
+            model = _without_lora(adapter)
+        model.config.mtp_k_max = int(k_max)
+        model.generation_config = mtp_generation_config(model, tokenizer, strategy=strategy, k_max=k_max, tau=tau)
+        model.to(DTYPES[dtype])
+        model.config.dtype = DTYPES[dtype]
+        # vLLM's parallel drafting reads the mask id of the draft model's config.json (see the module docstring)
+        model.config.pard_token = int(model.config.mtp_mask_token_id)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_custom_generate(tmp)
@@ -294,8 +356,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="default ConfAdapt threshold")
     parser.add_argument("--strategy", default="confadapt", choices=STRATEGIES, help="default decoding strategy")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty existing output directory")
+    parser.add_argument("--merge-adapter", action="store_true",
+                        help="merge a mask-only adapter into the weights (default: kept beside them, so k=1 stays "
+                             "the base model's)")
     args = parser.parse_args(argv)
     out = export_model(args.model, args.output, dtype=args.dtype, k_max=args.k_max, tau=args.tau,
-                       strategy=args.strategy, overwrite=args.overwrite)
+                       strategy=args.strategy, overwrite=args.overwrite, merge_adapter=args.merge_adapter)
     print(f"exported {args.model} -> {out}")
     return 0

@@ -126,6 +126,11 @@ class MTPDistillConfig(TrainingArguments):
     )
     regenerate_max_new_tokens: int = field(default=256, metadata={"help": "regenerate: answer length cap (tokens)."})
     regenerate_batch_size: int = field(default=16, metadata={"help": "regenerate: prompts decoded per batch."})
+    lora_mask_only: bool = field(
+        default=False,
+        metadata={"help": "LoRA acts only at <MTP> positions (distill/adapters.py): every real token runs the base "
+                          "weights, so k=1 decoding stays the base model's exactly. Needs use_peft (LoRA)."},
+    )
     # --- acceptance while training (distill/acceptance.py) ---
     acceptance_eval_steps: int = field(
         default=0,
@@ -200,6 +205,9 @@ class MTPDistillConfig(TrainingArguments):
             raise UserError("sequence_weighted needs a teacher; use supervision 'hard' or 'soft'")
         if self.prefix_ntp_weight < 0:
             raise UserError(f"prefix_ntp_weight must be >= 0, got {self.prefix_ntp_weight}")
+        if self.lora_mask_only and self.prefix_ntp_weight:
+            raise UserError("prefix_ntp_weight has nothing to train with lora_mask_only: prefix slots run the base "
+                            "weights; set it to 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_nonfinite_steps < 1:
@@ -376,7 +384,17 @@ class MTPDistillTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, _mtp_token_peft_config(peft_config, model, self.mask_token_id))
+            # Mask-only adapters leave the <MTP> embedding row as initialised: a tied head would carry a trained row
+            # into every position's logits (the <MTP> logit), and the layer-0 adapters see that row anyway.
+            if not args.lora_mask_only:
+                peft_config = _mtp_token_peft_config(peft_config, model, self.mask_token_id)
+            model = get_peft_model(model, peft_config)
+        if args.lora_mask_only:
+            if not is_peft_model(model) or getattr(model, "peft_type", None) != "LORA":
+                raise UserError("lora_mask_only needs a LoRA student (use_peft: true)")
+            from distill.adapters import gate_model
+
+            gate_model(model, self.mask_token_id)
         return model, tokenizer, teacher_kind, teacher_module
 
     @staticmethod
@@ -518,6 +536,14 @@ class MTPDistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints (distill/checkpoints.py)
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Trainer._save, plus the record that the adapter acts at <MTP> positions only (distill/adapters.py)."""
+        super()._save(output_dir, state_dict)
+        if self.args.lora_mask_only and self.args.should_save:
+            from distill.adapters import write_marker
+
+            write_marker(output_dir or self.args.output_dir, self.mask_token_id)
+
     def _get_output_dir(self, trial) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
 

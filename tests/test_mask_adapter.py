@@ -1,0 +1,166 @@
+"""Mask-only adapters (distill/adapters.py): LoRA gated to <MTP> positions keeps every real token's computation the
+base model's bit for bit, trains the masks, survives save -> load -> export -> load, and plain decoding of the
+distilled model is the base model's greedy decoding token for token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data import load_examples
+from distill.errors import UserError
+from distill.models import load_model, load_tokenizer
+from distill.teacher import slot_logits
+from distill.trainer import MTPDistillConfig, MTPDistillTrainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = dict(seq_len=48, num_regions=3, k_min=2, k_max=6, per_device_train_batch_size=2, logging_steps=1,
+             learning_rate=1e-2, warmup_steps=0, report_to="none", seed=0, supervision="gt")
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, gsm8k_path, tmp_path_factory):
+    """A 4-step mask-only LoRA run on the tiny model, saved (checkpoint-4) and kept in memory."""
+    out = tmp_path_factory.mktemp("mask-only") / "run"
+    args = MTPDistillConfig(output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=4,
+                            lora_mask_only=True, **SMALL)
+    examples = load_examples(str(gsm8k_path)).select(range(16))
+    trainer = MTPDistillTrainer(load_model(tiny_model_dir), args, train_dataset=examples,
+                                processing_class=load_tokenizer(tiny_model_dir), peft_config=_lora())
+    trainer.train()
+    trainer.model.eval()
+    return trainer, out / "checkpoint-4"
+
+
+def _probe(mtp: int) -> torch.Tensor:
+    """A decoding step's shape: real tokens, then masks (causal attention: no real token sees a mask)."""
+    return torch.tensor([[1, 504, 2018, 28, 3555, 2, mtp, mtp, mtp]])
+
+
+def _logits(model, ids):
+    pos = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        return slot_logits(model, ids, pos, None, torch.ones_like(ids, dtype=torch.bool))
+
+
+def test_real_tokens_run_the_base_weights_masks_are_trained(trained, tiny_model_dir):
+    trainer, _ = trained
+    mtp = trainer.mask_token_id
+    ids = _probe(mtp)
+    real = ids[0] != mtp
+    base = _logits(load_model(tiny_model_dir).eval(), ids)
+    student = _logits(trainer.model, ids)
+    assert torch.equal(student[real], base[real])  # bit for bit: the gated update is exactly zero there
+    assert (student[~real] - base[~real]).abs().max() > 1e-3  # the masks did learn
+    # Without the gate the same adapter would move the real positions too: the gate is what keeps them.
+    from distill.adapters import mask_gate_of
+
+    gate = mask_gate_of(trainer.model)
+    gate.remove()
+    try:
+        ungated = _logits(trainer.model, ids)
+    finally:
+        from distill.adapters import gate_model
+
+        gate_model(trainer.model, mtp)
+    assert not torch.allclose(ungated[real], base[real], atol=1e-4)
+
+
+def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
+    from adaptive.cli import load_mtp_model
+
+    trainer, checkpoint = trained
+    record = json.loads((checkpoint / "mtp_adapter.json").read_text())
+    assert record["mask_token_id"] == trainer.mask_token_id
+    model, _ = load_mtp_model(str(checkpoint))
+    ids = _probe(trainer.mask_token_id)
+    torch.testing.assert_close(_logits(model, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
+
+
+def test_plain_decoding_is_the_base_models_greedy(trained, tiny_model_dir):
+    """Oracle: static k=1 and self-speculative of the distilled model = HF greedy of the base, token for token;
+    ConfAdapt's first token of every span is the base model's next token."""
+    from adaptive.cli import load_mtp_model
+    from adaptive.decoder import MTPDecoder
+    from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
+
+    _, checkpoint = trained
+    model, tok = load_mtp_model(str(checkpoint))
+    base = load_model(tiny_model_dir).eval()
+    prompts = [tok("Natalia sold clips to 48 of her friends")["input_ids"], tok("What is 7 times 8?")["input_ids"]]
+    decoder = MTPDecoder(model, tok, stop_token_ids=[])
+    new = 24
+    for ids in prompts:
+        with torch.no_grad():
+            greedy = base.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+        assert decoder.generate([ids], Static(1), new)[0].token_ids == greedy
+        assert decoder.generate([ids], SelfSpeculative(4), new)[0].token_ids == greedy
+    result = decoder.generate([prompts[0]], ConfAdapt(1e-6, 4), 8)[0]
+    first = result.token_ids[0]
+    with torch.no_grad():
+        assert first == int(base(torch.tensor([prompts[0]])).logits[0, -1].argmax())
+
+
+def test_export_keeps_the_adapter_beside_the_base(trained, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from adaptive.cli import load_mtp_model
+    from distill.export import export_model
+
+    trainer, checkpoint = trained
+    mtp = trainer.mask_token_id
+    ids = _probe(mtp)
+    real = ids[0] != mtp
+    out = export_model(str(checkpoint), tmp_path / "export")
+    assert (out / "mtp_adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "mtp_adapter" / "mtp_adapter.json").is_file()
+    # Plain transformers loads the base itself (with the trained <MTP> row, which only masks read).
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = load_model(tiny_model_dir).eval()
+    assert torch.equal(_logits(plain, ids)[real], _logits(base, ids)[real])
+    # This package's loader re-attaches the adapter: the same logits as the training output, masks included.
+    reloaded, _ = load_mtp_model(str(out))
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
+    # --merge-adapter: one set of weights, no adapter directory, every position adapted.
+    merged = export_model(str(checkpoint), tmp_path / "merged", merge_adapter=True)
+    assert not (merged / "mtp_adapter").exists()
+    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged).eval(), ids)
+    assert not torch.allclose(merged_logits[real], _logits(base, ids)[real], atol=1e-4)
+
+
+def test_forward_cost_key_names_the_adapter(trained, tiny_model_dir):
+    from adaptive.controller import cost_key
+
+    trainer, _ = trained
+    assert "mask-lora" in cost_key(trainer.model.get_base_model())
+    assert "mask-lora" not in cost_key(load_model(tiny_model_dir))
+
+
+def test_mask_only_needs_lora_and_refuses_prefix_ntp(tiny_model_dir, gsm8k_path, tmp_path):
+    examples = load_examples(str(gsm8k_path)).select(range(4))
+    with pytest.raises(UserError, match="prefix_ntp_weight"):
+        MTPDistillConfig(output_dir=str(tmp_path / "a"), max_steps=1, lora_mask_only=True, prefix_ntp_weight=1.0,
+                         **SMALL)
+    args = MTPDistillConfig(output_dir=str(tmp_path / "b"), max_steps=1, lora_mask_only=True, **SMALL)
+    with pytest.raises(UserError, match="LoRA"):
+        MTPDistillTrainer(load_model(tiny_model_dir), args, train_dataset=examples,
+                          processing_class=load_tokenizer(tiny_model_dir))
+
+
+def test_gate_refuses_inputs_embeds(trained):
+    trainer, _ = trained
+    model = trainer.model.get_base_model()
+    embeds = model.get_input_embeddings()(_probe(trainer.mask_token_id))
+    with pytest.raises(UserError, match="input_ids"):
+        model(inputs_embeds=embeds)
