@@ -31,6 +31,10 @@ several sequences per prompt, logits processors (repetition penalty, bad words, 
 length / EOS / stop strings, streamers, scores or hidden states in the output, a started cache, right padding, and
 every bad value (unknown strategy, tau outside (0, 1], a k_max that does not fit the context, a model without
 `<MTP>`).
+
+A checkpoint exported with a mask-only adapter (`mtp_adapter/`, distill/adapters.py) is loaded by transformers as the
+base model; the first MTP `generate` call attaches the adapter to the model in place, gated to `<MTP>` positions, so
+the model's own forward and plain `generate` still compute the base model's outputs.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
                                                                                                    torch.int):
         _refuse("input_ids must be a 2-D tensor of token ids [batch, length] (left-padded, with attention_mask)")
     get_mtp_token_id(model)  # a model without <MTP> is refused before anything else, never decoded plainly
+    _attach_exported_adapter(model)
     for key in _UNSUPPORTED_WHEN_SET:
         if model_kwargs.pop(key, None) is not None:
             _refuse(f"{key} is not supported by MTP decoding")
@@ -218,6 +223,19 @@ def _load_tokenizer(path: str | None):
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model's tokenizer ({str(exc).splitlines()[0] if str(exc) else exc}); "
                         "pass tokenizer=...") from None
+
+
+def _attach_exported_adapter(model) -> None:
+    """An export that keeps a mask-only adapter beside the base weights (distill/adapters.py): plain transformers
+    loaded the base; the adapter is attached in place, once, and gated to <MTP> positions. `model(...)` and plain
+    `generate` stay the base model's (no mask, no adapter)."""
+    from distill.adapters import attach_mask_adapter, exported_adapter, mask_gate_of
+
+    path = _model_path(model)
+    if mask_gate_of(model) is None and path and Path(path).is_dir():
+        kept = exported_adapter(path)
+        if kept is not None:
+            attach_mask_adapter(model, kept)
 
 
 def _strategy(model, mtp: dict, calibration: bool):

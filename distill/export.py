@@ -7,7 +7,10 @@ The input is either
   * a LoRA adapter directory (adapter_config.json + adapter weights + tokenizer). Its `base_model_name_or_path` may
     be the alias `smollm2-135m`, a local directory or a hub id. The base is loaded, given the same `<MTP>` row the
     trainer gave it (`add_mtp_token` is deterministic, and a trained row saved with the adapter replaces it), the
-    adapter is loaded with peft and merged (`merge_and_unload`).
+    adapter is loaded with peft and merged (`merge_and_unload`). A *mask-only* adapter (`lora_mask_only`,
+    distill/adapters.py) is not merged: it is saved unmerged in `<output>/mtp_adapter/` beside the base weights, so
+    plain transformers loads the base model itself and this package's loaders re-attach the adapter gated to `<MTP>`
+    positions (`--merge-adapter` merges it anyway).
 
 The output is what paper §7.5 asks of a released MTP checkpoint, minus remote code: safetensors weights, the tokenizer
 with `<MTP>`, `config.mtp_mask_token_id` / `config.mtp_k_max`, and a generation config that carries the decoding

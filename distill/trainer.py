@@ -13,7 +13,8 @@ One training step (per rank, per optimizer step; §2.3):
 The trainer is a plain `transformers.Trainer` otherwise: optimizer, schedule, gradient accumulation, DeepSpeed/FSDP,
 checkpointing and `resume_from_checkpoint` all come from it. It adds `<MTP>` to the model if missing, records
 `config.mtp_mask_token_id` / `config.mtp_k_max` in saved checkpoints, wraps the model with peft when given a
-`peft_config` (keeping the `<MTP>` embedding row trainable), and logs the paper's diagnostics (§2.2 step 8).
+`peft_config` (keeping the `<MTP>` embedding row trainable; with `lora_mask_only` the adapters act at `<MTP>`
+positions only and k=1 stays the base model's, distill/adapters.py), and logs the paper's diagnostics (§2.2 step 8).
 
 What a cluster needs on top (distill/checkpoints.py): checkpoints are written under a hidden name and renamed when
 complete, SIGTERM saves a checkpoint at the next step boundary and stops, and a step whose loss is NaN/inf is skipped

@@ -164,3 +164,34 @@ def test_gate_refuses_inputs_embeds(trained):
     embeds = model.get_input_embeddings()(_probe(trainer.mask_token_id))
     with pytest.raises(UserError, match="input_ids"):
         model(inputs_embeds=embeds)
+
+
+def test_hf_generate_attaches_the_exported_adapter(trained, tmp_path):
+    """`generate(custom_generate=...)` on a plain `from_pretrained` of the export decodes with the adapter (ConfAdapt
+    equals this package's decoder on the same export), and plain greedy stays the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    import adaptive.hf_generate as hf_generate
+    from adaptive.cli import load_mtp_model
+    from adaptive.decoder import MTPDecoder
+    from adaptive.strategies import ConfAdapt
+    from distill.adapters import mask_gate_of
+    from distill.export import export_model
+
+    _, checkpoint = trained
+    out = export_model(str(checkpoint), tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = load_tokenizer(str(out))
+    ids = tok("What is 7 times 8?")["input_ids"]
+    batch = torch.tensor([ids])
+    greedy = model.generate(batch, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert mask_gate_of(model) is None
+    mtp = model.generate(batch, attention_mask=torch.ones_like(batch), custom_generate=hf_generate,
+                         mtp_strategy="confadapt", mtp_tau=1e-6, mtp_k_max=4, max_new_tokens=12,
+                         mtp_calibration=False)
+    assert mask_gate_of(model) is not None
+    reference, rtok = load_mtp_model(str(out))
+    expected = MTPDecoder(reference, rtok, stop_token_ids=[tok.eos_token_id]).generate([ids], ConfAdapt(1e-6, 4), 12)
+    assert mtp[0, len(ids):].tolist()[: len(expected[0].token_ids)] == expected[0].token_ids
+    again = model.generate(batch, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(again, greedy)  # no mask in plain greedy: the adapter is off
