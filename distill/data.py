@@ -198,8 +198,18 @@ def format_example(query: str, response: str, tokenizer, fmt: str) -> str:
     return f"{tokenizer.bos_token or ''}{query}\n\n{response}{tokenizer.eos_token or ''}"
 
 
-def format_and_tokenize(ds, tokenizer, *, fmt: str = "chat", max_length: int):
-    """Dataset with one column, "input_ids" (at most `max_length` ids per row). `fmt`: "chat", "plain" or "auto"."""
+def prompt_text(query: str, tokenizer, fmt: str) -> str:
+    """The head of `format_example` that precedes the response: what decoding conditions on before its first token."""
+    if fmt == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{tokenizer.bos_token or ''}{query}\n\n"
+
+
+def format_and_tokenize(ds, tokenizer, *, fmt: str = "chat", max_length: int, prompt_length: bool = False):
+    """Dataset with the column "input_ids" (at most `max_length` ids per row). `fmt`: "chat", "plain" or "auto".
+    `prompt_length`: also "prompt_length", the ids before the response (0 where the prompt's ids are not a prefix of
+    the row's, so that every position stays eligible)."""
     if max_length < 2:
         raise UserError(f"max_length must be at least 2 (one input and one target), got {max_length}")
     fmt = resolve_format(fmt, tokenizer)
@@ -210,7 +220,12 @@ def format_and_tokenize(ds, tokenizer, *, fmt: str = "chat", max_length: int):
     def tokenize(batch):
         texts = [format_example(q, r, tokenizer, fmt) for q, r in zip(batch["query"], batch["response"])]
         enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
-        return {"input_ids": enc["input_ids"]}
+        out = {"input_ids": enc["input_ids"]}
+        if prompt_length:
+            heads = tokenizer([prompt_text(q, tokenizer, fmt) for q in batch["query"]], add_special_tokens=False)
+            out["prompt_length"] = [len(h) if row[: len(h)] == h else 0
+                                    for h, row in zip(heads["input_ids"], enc["input_ids"])]
+        return out
 
     return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing ({fmt})")
 
@@ -275,4 +290,7 @@ class MTPCollator:
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
-        return {"input_ids": input_ids, "lengths": lengths}
+        batch = {"input_ids": input_ids, "lengths": lengths}
+        if features and "prompt_length" in features[0]:
+            batch["prompt_lengths"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
+        return batch

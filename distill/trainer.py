@@ -132,6 +132,12 @@ class MTPDistillConfig(TrainingArguments):
         metadata={"help": "LoRA acts only at <MTP> positions (distill/adapters.py): every real token runs the base "
                           "weights, so k=1 decoding stays the base model's exactly. Needs use_peft (LoRA)."},
     )
+    prefix_cache: bool = field(
+        default=False,
+        metadata={"help": "With lora_mask_only and supervision gt: run each row's real tokens once without gradients "
+                          "and train only the <MTP> slots, attending to that key/value cache; num_regions = MTP "
+                          "problems per row, drawn among the response's positions; seq_len = real tokens per row."},
+    )
     # --- acceptance while training (distill/acceptance.py) ---
     acceptance_eval_steps: int = field(
         default=0,
@@ -206,6 +212,9 @@ class MTPDistillConfig(TrainingArguments):
             raise UserError("sequence_weighted needs a teacher; use supervision 'hard' or 'soft'")
         if self.prefix_ntp_weight < 0:
             raise UserError(f"prefix_ntp_weight must be >= 0, got {self.prefix_ntp_weight}")
+        if self.prefix_cache and not (self.lora_mask_only and self.supervision == "gt" and not self.bidirectional):
+            raise UserError("prefix_cache needs lora_mask_only: true and supervision: gt (the real tokens must run the "
+                            "base weights and need no teacher), with causal attention (bidirectional: false)")
         if self.lora_mask_only and self.prefix_ntp_weight:
             raise UserError("prefix_ntp_weight has nothing to train with lora_mask_only: prefix slots run the base "
                             "weights; set it to 0")
@@ -236,7 +245,10 @@ class MTPDistillConfig(TrainingArguments):
 
     @property
     def raw_length(self) -> int:
-        """Source tokens per row the packing can consume (incl. the last target), at the smallest k (§1.3)."""
+        """Source tokens per row the packing can consume (incl. the last target), at the smallest k (§1.3); with
+        prefix_cache, seq_len itself (the real tokens are not replicated)."""
+        if self.prefix_cache:
+            return self.seq_len
         return raw_tokens_needed(self.seq_len, self.num_regions, self.k_min)
 
 
@@ -253,7 +265,8 @@ def prepare_datasets(args: MTPDistillConfig, tokenizer):
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
 
     def tokenize(ds, split):
-        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length,
+                                 prompt_length=args.prefix_cache)
         check_row_lengths(ds, min_row_tokens(args), what=f"{args.dataset_name} ({split})")
         return ds
 
@@ -262,7 +275,10 @@ def prepare_datasets(args: MTPDistillConfig, tokenizer):
 
 def min_row_tokens(args: MTPDistillConfig) -> int:
     """Tokens a row needs for one MTP problem at every step: region 0's ground truth at k_min and offset 0 plus its
-    first target (P(k_min) + 1; §1.6: a region with no real target is never supervised)."""
+    first target (P(k_min) + 1; §1.6: a region with no real target is never supervised). With prefix_cache: one
+    token and its k_min targets."""
+    if args.prefix_cache:
+        return args.k_min + 1
     return prefix_len(args.seq_len, args.num_regions, args.k_min) + 1
 
 
@@ -332,11 +348,13 @@ class MTPDistillTrainer(Trainer):
                 self.teacher = Teacher(teacher_kind, self._prepare_teacher(teacher_module),
                                        replace_token_id=self.pad_token_id,
                                        vocab_size=min(teacher_rows, self._student_rows))
-        self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, args.num_regions,
-                                   rank=args.process_index, random_offsets=args.random_offsets)
+        # prefix_cache draws k only (its problems are placed by _cached_prefix_loss), so the region grid is moot.
+        regions, offsets = (1, False) if args.prefix_cache else (args.num_regions, args.random_offsets)
+        self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, regions,
+                                   rank=args.process_index, random_offsets=offsets)
         # Evaluation draws (k, offset) per eval batch from its own seed, the same sequence at every evaluation.
-        self.eval_sampler = StepSampler(args.seed + 1, args.k_min, args.k_max, args.seq_len, args.num_regions,
-                                        rank=args.process_index, random_offsets=args.random_offsets)
+        self.eval_sampler = StepSampler(args.seed + 1, args.k_min, args.k_max, args.seq_len, regions,
+                                        rank=args.process_index, random_offsets=offsets)
         self._eval_batch = 0
         self._flex_masks: dict = {}
         self._metric_names = ["k", "offset"] + metric_names(args.k_max)
@@ -403,7 +421,8 @@ class MTPDistillTrainer(Trainer):
         """Raw query/response rows are formatted and tokenized here (TRL trainers accept raw datasets too)."""
         if ds is None or "input_ids" in ds.column_names:
             return ds
-        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length)
+        ds = format_and_tokenize(ds, tokenizer, fmt=args.dataset_format, max_length=args.raw_length,
+                                 prompt_length=args.prefix_cache)
         check_row_lengths(ds, min_row_tokens(args), what="the dataset")
         return ds
 
@@ -456,6 +475,13 @@ class MTPDistillTrainer(Trainer):
             k, offset = self.eval_sampler(self._eval_batch)
             self._eval_batch += 1
         source, lengths = inputs["input_ids"], inputs["lengths"]
+        if args.prefix_cache:
+            step = self.state.global_step if mode == "train" else self._eval_batch
+            student_logits, gt_targets = self._cached_prefix_logits(model, inputs, k, step, mode)
+            loss, metrics = mtp_objective(student_logits, None, gt_targets=gt_targets, supervision="gt",
+                                          student_entropy_beta=args.student_entropy_beta)
+            self._record(mode, {"k": float(k), "offset": 0.0, **metrics})
+            return (loss, None) if return_outputs else loss
         layout = build_layout(source, lengths, k=k, num_regions=args.num_regions, seq_len=args.seq_len,
                               offset=offset, mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id)
         batch = source.shape[0]
@@ -492,6 +518,65 @@ class MTPDistillTrainer(Trainer):
         else:
             self._record(mode, {"k": float(k), "offset": float(offset), **metrics})
         return (loss, None) if return_outputs else loss
+
+    def _cached_prefix_logits(self, model, inputs, k: int, step: int, mode: str):
+        """prefix_cache (mask-only adapters): ([R, k, V] logits, [R, k] ground-truth targets) of R MTP problems.
+
+        With the adapters gated to <MTP> (distill/adapters.py) a real token's keys/values do not depend on the
+        trainable weights, so the packed layout's real slots carry no gradient. Here each row's real tokens run once,
+        without gradients, into a key/value cache; then every problem's k-1 masks (RoPE positions p+1..p+k-1 after its
+        last real token p) run together as one query that attends to the cache up to p and causally to its own masks:
+        the block mask of §1.3 with the prefix shared instead of replicated. Position 1 of a problem is the base
+        model's next-token logit at p (no gradient). Problems: `num_regions` per row, drawn without replacement among
+        the positions whose k-1 targets lie in the row and, where the prompt length is known, after the prompt (the
+        positions decoding predicts from). Rows with fewer positions fill the rest with unsupervised dummies."""
+        from transformers import DynamicCache
+
+        args = self.args
+        source, lengths = inputs["input_ids"], inputs["lengths"]
+        prompts = inputs.get("prompt_lengths")
+        batch, device = source.shape[0], source.device
+        n = args.num_regions
+        masks = k - 1
+        gen = torch.Generator().manual_seed(hash((args.seed, args.process_index, step, mode == "eval")) % (2 ** 63))
+        ends, valid = torch.zeros(batch, n, dtype=torch.long), torch.zeros(batch, n, dtype=torch.bool)
+        for b in range(batch):
+            lo = max(int(prompts[b]) - 1, 0) if prompts is not None else 0
+            hi = int(lengths[b]) - 1 - k  # the last target, p + k, must be a real token of the row
+            if hi < lo:
+                continue
+            choice = torch.randperm(hi - lo + 1, generator=gen)[:n] + lo
+            ends[b, : len(choice)], valid[b, : len(choice)] = choice.sort().values, True
+        ends, valid = ends.to(device), valid.to(device)
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        real_mask = (torch.arange(source.shape[1], device=device)[None] < lengths[:, None].to(device)).long()
+        cache = DynamicCache(config=base.config)
+        with torch.no_grad(), unwrapped.disable_adapter():  # no mask here: the gate is zero anyway
+            hidden = base.get_decoder()(input_ids=source, attention_mask=real_mask, past_key_values=cache,
+                                        use_cache=True).last_hidden_state
+            first = base.get_output_embeddings()(hidden.gather(1, ends[..., None].expand(-1, -1, hidden.shape[-1])))
+
+        # The masks: query slot (problem i, mask j) sits at RoPE position ends[i] + j + 1.
+        length = source.shape[1]
+        j = torch.arange(masks, device=device)
+        position_ids = (ends[..., None] + 1 + j).reshape(batch, n * masks)
+        query_ids = torch.full_like(position_ids, self.mask_token_id)
+        dtype = base.dtype if not (args.bf16 and device.type == "cuda") else torch.bfloat16
+        problem = torch.arange(n, device=device).repeat_interleave(masks)
+        slot = j.repeat(n)
+        sees_cache = torch.arange(length, device=device)[None, None] <= ends.repeat_interleave(masks, 1)[..., None]
+        sees_cache &= real_mask.bool()[:, None, :]
+        sees_query = (problem[:, None] == problem[None]) & (slot[None] <= slot[:, None])
+        allowed = torch.cat([sees_cache, sees_query[None].expand(batch, -1, -1)], dim=-1)
+        attention = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out = model(input_ids=query_ids, position_ids=position_ids, attention_mask=attention[:, None],
+                    past_key_values=cache, use_cache=False)
+        rest = out.logits.view(batch, n, masks, -1)
+        logits = torch.cat([first[:, :, None].to(rest.dtype), rest], dim=2)[valid]  # [R, k, V]
+        targets = torch.stack([source.gather(1, ends + 1 + t) for t in range(k)], dim=-1)
+        return logits, targets[valid]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation = the same objective without gradients (there are no labels for the default path)."""

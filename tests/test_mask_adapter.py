@@ -195,3 +195,41 @@ def test_hf_generate_attaches_the_exported_adapter(trained, tmp_path):
     assert mtp[0, len(ids):].tolist()[: len(expected[0].token_ids)] == expected[0].token_ids
     again = model.generate(batch, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(again, greedy)  # no mask in plain greedy: the adapter is off
+
+
+def test_prefix_cache_equals_a_plain_forward_per_problem(tiny_model_dir, gsm8k_path, tmp_path):
+    """Oracle for prefix_cache: every problem's k logits equal one plain causal forward of its own prefix followed
+    by k-1 masks (position 1 from the base, the masks through the gated adapter), and its targets are the next k
+    tokens; problems lie after the prompt."""
+    from distill.data import MTPCollator, format_and_tokenize
+
+    tok = load_tokenizer(tiny_model_dir)
+    args = MTPDistillConfig(output_dir=str(tmp_path / "out"), max_steps=1, lora_mask_only=True, prefix_cache=True,
+                            **{**SMALL, "num_regions": 5, "seq_len": 192})
+    examples = load_examples(str(gsm8k_path)).select(range(3))
+    trainer = MTPDistillTrainer(load_model(tiny_model_dir), args, train_dataset=examples, processing_class=tok,
+                                peft_config=_lora())
+    with torch.no_grad():  # a non-zero adapter, so a wrong gate or attention rule shows
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer.model.eval()
+    rows = format_and_tokenize(examples, tok, fmt="chat", max_length=192, prompt_length=True)
+    assert all(0 < r["prompt_length"] < len(r["input_ids"]) for r in rows)
+    batch = MTPCollator(tok.pad_token_id, 192)([rows[i] for i in range(3)])
+    k = 3
+    with torch.no_grad():
+        logits, targets = trainer._cached_prefix_logits(trainer.model, batch, k, step=0, mode="train")
+        assert logits.shape[:2] == (targets.shape[0], k) and targets.shape[0] > 5
+        mtp = trainer.mask_token_id
+        found = 0
+        for b in range(3):
+            ids = batch["input_ids"][b, : batch["lengths"][b]]
+            start = int(batch["prompt_lengths"][b]) - 1
+            for p in range(start, len(ids) - k):
+                plain = torch.cat([ids[: p + 1], torch.full((k - 1,), mtp)])[None]
+                ref = trainer.model(input_ids=plain).logits[0, p:]
+                match = [i for i in range(targets.shape[0]) if torch.equal(targets[i], ids[p + 1 : p + 1 + k])
+                         and torch.allclose(logits[i], ref, atol=1e-4, rtol=0)]
+                found += bool(match)
+        assert found == targets.shape[0]  # every problem is one of these, with exactly these logits
