@@ -159,6 +159,9 @@ CASES = [
     ("train-learning-rate-negative", lambda c: c.train("--learning_rate", "-1"), "learning_rate must be > 0"),
     ("train-k-min-above-k-max", lambda c: c.train("--k_min", "9"), "k_min"),
     ("train-bad-format", lambda c: c.train("--dataset_format", "xml"), "invalid choice"),
+    ("train-prefix-cache-without-mask-only", lambda c: c.train("--prefix_cache", "true"),
+     "prefix_cache needs lora_mask_only"),
+    ("train-mask-only-without-lora", lambda c: c.train("--lora_mask_only", "true"), "needs a LoRA student"),
     ("train-config-without-path", lambda c: ["train", "--config"], "--config needs"),
     ("train-missing-recipe", lambda c: ["train", "--config", str(c.tmp / "nope.yaml")], "not found"),
     # --- mtp train: output_dir

@@ -233,3 +233,33 @@ def test_prefix_cache_equals_a_plain_forward_per_problem(tiny_model_dir, gsm8k_p
                          and torch.allclose(logits[i], ref, atol=1e-4, rtol=0)]
                 found += bool(match)
         assert found == targets.shape[0]  # every problem is one of these, with exactly these logits
+
+
+def test_prefix_cache_run_trains_the_masks_only(tiny_model_dir, gsm8k_path, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    args = MTPDistillConfig(output_dir=str(tmp_path / "out"), max_steps=3, save_strategy="no", lora_mask_only=True,
+                            prefix_cache=True, **{**SMALL, "num_regions": 8, "seq_len": 192})
+    trainer = MTPDistillTrainer(load_model(tiny_model_dir), args,
+                                train_dataset=load_examples(str(gsm8k_path)).select(range(8)),
+                                processing_class=tok, peft_config=_lora())
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    supervised = [e["supervised_tokens"] for e in trainer.state.log_history if "supervised_tokens" in e]
+    assert min(supervised) >= 2 * 8 * 2  # two rows x 8 problems x k >= 2
+    mtp = trainer.mask_token_id
+    ids = _probe(mtp)
+    real = ids[0] != mtp
+    base = _logits(load_model(tiny_model_dir).eval(), ids)
+    student = _logits(trainer.model.eval(), ids)
+    assert torch.equal(student[real], base[real])
+    assert (student[~real] - base[~real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(prefix_cache=True), "prefix_cache needs lora_mask_only"),
+    (dict(prefix_cache=True, lora_mask_only=True, supervision="hard"), "prefix_cache needs lora_mask_only"),
+])
+def test_prefix_cache_needs_mask_only_gt(tmp_path, overrides, match):
+    with pytest.raises(UserError, match=match):
+        MTPDistillConfig(output_dir=str(tmp_path / "x"), max_steps=1, **{**SMALL, **overrides})
