@@ -239,8 +239,7 @@ def cost_key(model) -> str:
     key = f"{shape}|{model.dtype}|{attn}|{where}|torch{torch.__version__}"
     gate = mask_gate_of(model)
     if gate is not None:  # a mask-only adapter's LoRA layers run whenever masks are in the query
-        ranks = sorted({int(r) for layer in gate.layers for r in layer.r.values()})
-        key += f"|mask-lora{len(gate.layers)}r{'-'.join(map(str, ranks))}"
+        key += f"|mask-lora{len(gate.layers)}r{gate.rank}"
     return key
 
 

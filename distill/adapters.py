@@ -15,11 +15,12 @@ positions (and the trainable `<MTP>` embedding row) carry the adaptation. Conseq
   * the weights cannot be merged into one matrix: an export keeps the base weights and the adapter side by side
     (distill/export.py), and the loaders re-attach it (`attach_mask_adapter`).
 
-Mechanics: a forward pre-hook on the input embedding reads the token ids of each forward and stores the gate; a
-forward pre-hook on every LoRA `A` projection multiplies its input by the gate (A and B are linear and bias-free, so
-the update is gated exactly). For inference (`skip_unmasked=True`) a forward without any `<MTP>` turns the adapter
-layers off for that forward, so plain decoding costs what the base model costs. The gate needs `input_ids` (an
-`inputs_embeds`-only forward is refused).
+Mechanics. Training (`MaskGate`, on peft's LoRA layers): a forward pre-hook on the input embedding reads the token ids
+of each forward and stores the gate; a forward pre-hook on every LoRA `A` projection multiplies its input by the gate
+(A and B are linear and bias-free, so the update is gated exactly). Decoding (`attach_mask_adapter`): the saved
+adapter becomes one `GatedLoRALinear` per adapted layer, without peft; a forward without any `<MTP>` sets the gate to
+None and every such layer is the base linear plus one attribute check, so plain decoding costs what the base model
+costs. Both need `input_ids` (an `inputs_embeds`-only forward is refused).
 
 The training output records the choice in `mtp_adapter.json` beside `adapter_config.json`.
 """
@@ -38,18 +39,18 @@ EXPORT_SUBDIR = "mtp_adapter"  # inside an exported checkpoint: the mask-only ad
 
 
 class MaskGate:
-    """Gates every LoRA layer of `model` (a model with peft LoRA layers injected) to `<MTP>` positions."""
+    """Gates every peft LoRA layer of `model` to `<MTP>` positions: the training form (peft trains and saves the
+    adapter; `attach_mask_adapter` is the lighter decoding form of the saved adapter)."""
 
-    def __init__(self, model: torch.nn.Module, mask_token_id: int, *, skip_unmasked: bool = False):
+    def __init__(self, model: torch.nn.Module, mask_token_id: int):
         from peft.tuners.lora import LoraLayer
 
         self.mask_token_id = int(mask_token_id)
-        self.skip_unmasked = skip_unmasked
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         if not self.layers:
             raise UserError("lora_mask_only needs LoRA layers in the model (use_peft with a LoRA config)")
+        self.rank = max(int(r) for layer in self.layers for r in layer.r.values())
         self.gate: torch.Tensor | None = None
-        self._adapters_off = False
         embed = model.get_input_embeddings()
         self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True),
                          embed.register_forward_pre_hook(self._read_ids)]
@@ -64,14 +65,7 @@ class MaskGate:
         self.gate = None  # set by the embedding's hook of this forward
 
     def _read_ids(self, module, args):
-        is_mask = args[0] == self.mask_token_id
-        self.gate = is_mask.unsqueeze(-1)
-        if self.skip_unmasked:
-            off = not bool(is_mask.any())
-            if off != self._adapters_off:
-                for layer in self.layers:  # peft's per-layer switch (BaseTunerLayer.disable_adapters reads it)
-                    layer._disable_adapters = off
-                self._adapters_off = off
+        self.gate = (args[0] == self.mask_token_id).unsqueeze(-1)
 
     def _apply(self, module, args):
         x = args[0]
@@ -85,16 +79,12 @@ class MaskGate:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._adapters_off:
-            for layer in self.layers:
-                layer._disable_adapters = False
-            self._adapters_off = False
 
 
-def gate_model(model: torch.nn.Module, mask_token_id: int, *, skip_unmasked: bool = False) -> MaskGate:
+def gate_model(model: torch.nn.Module, mask_token_id: int) -> MaskGate:
     """Install the gate on `model` (a PeftModel or the model peft injected into) and remember it on the model."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    gate = MaskGate(target, mask_token_id, skip_unmasked=skip_unmasked)
+    gate = MaskGate(target, mask_token_id)
     target._mtp_mask_gate = gate
     return gate
 
@@ -125,28 +115,125 @@ def exported_adapter(model_dir: str | Path) -> Path | None:
     return sub if (sub / "adapter_config.json").is_file() and is_mask_only(sub) else None
 
 
+class GatedLoRALinear(torch.nn.Module):
+    """Inference form of one mask-only LoRA layer: y = W x + g · B' A x (B' = (α/r) B), g read from the shared gate.
+
+    Without any <MTP> in the forward the gate is None and the layer is the base linear plus one attribute check, so
+    plain decoding costs what the base model costs (peft's own layer adds several Python-level steps per call)."""
+
+    def __init__(self, base: torch.nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 state: "InferenceGate"):
+        super().__init__()
+        self.base = base
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_a = torch.nn.Parameter(lora_a.to(device=device, dtype=dtype), requires_grad=False)
+        self.lora_b = torch.nn.Parameter((lora_b * scale).to(device=device, dtype=dtype), requires_grad=False)
+        self.state = state
+
+    @property
+    def weight(self):  # code that inspects a linear layer's weight (dtype, device) sees the base's
+        return self.base.weight
+
+    def forward(self, x):
+        y = self.base(x)
+        gate = self.state.gate
+        if gate is None:
+            return y
+        return y + torch.nn.functional.linear(torch.nn.functional.linear(x * gate.to(x.dtype), self.lora_a),
+                                              self.lora_b)
+
+
+class InferenceGate:
+    """The gate of every GatedLoRALinear of one model: None in a forward without <MTP>, else [B, T, 1] of 0/1."""
+
+    def __init__(self, model: torch.nn.Module, mask_token_id: int, layers: list[GatedLoRALinear], rank: int):
+        self.mask_token_id = int(mask_token_id)
+        self.layers = layers
+        self.rank = int(rank)
+        self.gate: torch.Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True),
+                         model.get_input_embeddings().register_forward_pre_hook(self._read_ids)]
+
+    def _start(self, module, args, kwargs):
+        if kwargs.get("input_ids") is None and not (args and isinstance(args[0], torch.Tensor)):
+            raise UserError("a mask-only adapter needs input_ids (it gates the adapter by token); inputs_embeds "
+                            "alone cannot be gated")
+        self.gate = None
+
+    def _read_ids(self, module, args):
+        is_mask = args[0] == self.mask_token_id
+        self.gate = is_mask.unsqueeze(-1) if bool(is_mask.any()) else None
+
+
+def _adapter_weights(adapter_dir: Path) -> tuple[dict, dict]:
+    """(adapter_config.json, safetensors tensors) of a peft LoRA adapter this module can run gated."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    unsupported = [name for name in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "lora_bias",
+                                     "trainable_token_indices", "modules_to_save") if config.get(name)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise UserError(f"{adapter_dir}: a mask-only adapter must be plain LoRA (peft_type LORA, without "
+                        f"{', '.join(unsupported) or 'other adapter types'})")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
+    return config, load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+@torch.no_grad()
 def attach_mask_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """Load a mask-only LoRA adapter into `model` in place (peft), gate it for inference, return the plain model.
+    """Put a saved mask-only LoRA adapter into `model` for decoding, in place, and return `model`.
 
-    The returned object is `model` itself (a transformers model whose linear layers now carry the adapter), so code
-    that inspects its forward signature or config sees the usual model."""
-    from peft import PeftModel
-
+    Every adapted linear layer becomes a GatedLoRALinear sharing one InferenceGate (no peft at decode time). The
+    returned object is `model` itself, so code that inspects its forward signature or config sees the usual model.
+    Embedding / head matrices saved with the adapter (peft saves them when the vocabulary was resized for <MTP>) are
+    copied in, as peft would load them."""
     adapter_dir = Path(adapter_dir)
     marker = read_marker(adapter_dir)
     mask_id = getattr(model.config, "mtp_mask_token_id", None)
     if mask_id is not None and int(mask_id) != int(marker["mask_token_id"]):
         raise UserError(f"{adapter_dir} was trained with <MTP> id {marker['mask_token_id']}, but the model's is {mask_id}")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except Exception as exc:  # peft raises several types for a mismatched adapter
-        raise UserError(f"cannot load the mask-only adapter {adapter_dir}: {str(exc).strip().splitlines()[0]}") from exc
-    plain = peft_model.get_base_model()
-    gate_model(plain, marker["mask_token_id"], skip_unmasked=True)
-    plain.eval()
-    return plain
+    if mask_gate_of(model) is not None:
+        raise UserError("the model already carries a mask-only adapter")
+    config, tensors = _adapter_weights(adapter_dir)
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    prefix = "base_model.model."
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        for part in ("lora_A", "lora_B"):
+            tail = f".{part}.weight"
+            if name.endswith(tail):
+                pairs.setdefault(name[: -len(tail)], {})[part] = tensor
+                break
+        else:
+            whole[name] = tensor
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name, tensor in whole.items():  # resized embedding / head saved beside the adapter
+        target = params.get(name)
+        if target is None or target.shape != tensor.shape:
+            raise UserError(f"{adapter_dir}: {name} {tuple(tensor.shape)} does not fit the model")
+        target.copy_(tensor.to(target.dtype))
+    state = InferenceGate.__new__(InferenceGate)  # filled below, once the layers exist
+    layers = []
+    for name, pair in sorted(pairs.items()):
+        base = modules.get(name)
+        if not isinstance(base, torch.nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
+            raise UserError(f"{adapter_dir}: adapter weights for {name}, which is not a linear layer of the model")
+        if pair["lora_A"].shape[1] != base.in_features or pair["lora_B"].shape[0] != base.out_features:
+            raise UserError(f"{adapter_dir}: adapter weights for {name} do not fit its shape")
+        layer = GatedLoRALinear(base, pair["lora_A"], pair["lora_B"], scale, state)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, layer)
+        layers.append(layer)
+    if not layers:
+        raise UserError(f"{adapter_dir} holds no LoRA weights")
+    InferenceGate.__init__(state, model, marker["mask_token_id"], layers, int(config["r"]))
+    model._mtp_mask_gate = state
+    model.eval()
+    return model
 
 
 def mask_gate_of(model) -> MaskGate | None:

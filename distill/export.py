@@ -56,7 +56,6 @@ from distill.adapters import (
     EXPORT_SUBDIR,
     attach_mask_adapter,
     exported_adapter,
-    gate_model,
     is_mask_only,
     read_marker,
     write_marker,
@@ -103,11 +102,9 @@ def _adapter_tokenizer(adapter_dir: Path):
     return tokenizer
 
 
-def _load_peft(adapter_dir: Path):
-    """(PeftModel on its base, tokenizer, whether the tokenizer has <MTP>). The base gets exactly the vocabulary the
-    adapter was trained with."""
-    from peft import PeftModel
-
+def _load_adapter_base(adapter_dir: Path):
+    """(base model, tokenizer, whether the tokenizer has <MTP>) for an adapter directory: the base gets exactly the
+    vocabulary the adapter was trained with."""
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base_name = adapter_cfg.get("base_model_name_or_path")
     if not base_name:
@@ -131,11 +128,16 @@ def _load_peft(adapter_dir: Path):
     if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise UserError(f"vocab mismatch: tokenizer in {adapter_dir} has {len(tokenizer)} tokens but the base "
                         f"{base_name} has {base.get_input_embeddings().weight.shape[0]} embedding rows")
+    return base, tokenizer, trained_with_mtp
+
+
+def _peft_onto(base, adapter_dir: Path):
+    from peft import PeftModel
+
     try:
-        peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+        return PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, OSError) as exc:
-        raise UserError(f"cannot load adapter {adapter_dir} onto {base_name}: {str(exc).strip().splitlines()[0]}") from exc
-    return peft_model, tokenizer, trained_with_mtp
+        raise UserError(f"cannot load adapter {adapter_dir}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _without_lora(peft_model):
@@ -160,12 +162,11 @@ def load_for_export(model_dir: str, *, mask_adapter: str = "merge"):
     """
     path = Path(model_dir).expanduser()
     if (path / "adapter_config.json").is_file():
-        peft_model, tokenizer, trained_with_mtp = _load_peft(path)
+        base, tokenizer, trained_with_mtp = _load_adapter_base(path)
         mask_only = is_mask_only(path)
         if mask_only and mask_adapter == "gate":
-            model = peft_model.get_base_model()
-            gate_model(model, read_marker(path)["mask_token_id"], skip_unmasked=True)
-            return model, tokenizer
+            return attach_mask_adapter(base, path), tokenizer
+        peft_model = _peft_onto(base, path)
         if mask_only and mask_adapter == "split":
             return peft_model, tokenizer
         model = peft_model.merge_and_unload()
@@ -178,9 +179,7 @@ def load_for_export(model_dir: str, *, mask_adapter: str = "merge"):
     if kept is not None:
         if mask_adapter == "gate":
             return attach_mask_adapter(model, kept), tokenizer
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(kept))
+        peft_model = _peft_onto(model, kept)
         if mask_adapter == "split":
             return peft_model, tokenizer
         return peft_model.merge_and_unload(), tokenizer

@@ -83,6 +83,10 @@ def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
     record = json.loads((checkpoint / "mtp_adapter.json").read_text())
     assert record["mask_token_id"] == trainer.mask_token_id
     model, _ = load_mtp_model(str(checkpoint))
+    from distill.adapters import GatedLoRALinear
+
+    # Decoding runs the light gated layers, not peft's: one per adapted linear (all-linear: 7 per block).
+    assert sum(isinstance(m, GatedLoRALinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
     ids = _probe(trainer.mask_token_id)
     torch.testing.assert_close(_logits(model, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
 
