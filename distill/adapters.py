@@ -210,9 +210,11 @@ def attach_mask_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torc
         else:
             whole[name] = tensor
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
     for name, tensor in whole.items():  # resized embedding / head saved beside the adapter
-        target = params.get(name)
+        try:
+            target = model.get_parameter(name)  # also a tied head's name
+        except AttributeError:
+            target = None
         if target is None or target.shape != tensor.shape:
             raise UserError(f"{adapter_dir}: {name} {tuple(tensor.shape)} does not fit the model")
         target.copy_(tensor.to(target.dtype))
