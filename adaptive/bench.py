@@ -9,7 +9,7 @@ adaptive/controller.py) are measured.
 The prompts are the last rows of the GSM8K file, the rows `mtp demo` holds out of its training data.
 
 Same model, same prompts (the held-out tail of GSM8K, as one user turn of the chat template), same machine, one run
-(anchors §D.2: speed-ups are only meaningful side by side; tokens/forward alone hides the longer per-step query of
+(speed-ups are only meaningful side by side; tokens/forward alone hides the longer per-step query of
 2·k_max−1 tokens, paper §5.7). Modes:
 
 * hf-greedy          `model.generate(do_sample=False)`, batched with left padding: the reference for every ratio;

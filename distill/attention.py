@@ -13,8 +13,8 @@ Bidirectional ablation ("BDA", §1.3, student only): additionally every slot of 
 slot just before them — attends to every slot of span r. The first prediction then looks ahead into its own masks,
 and because GT slots downstream attend to that slot, later regions see it too; the paper keeps the causal rule.
 
-Two encodings of one rule: a dense additive float mask for HF eager/sdpa (a boolean 4-D mask is wrong with eager in
-transformers 5.23, env.md §8), and a FlexAttention BlockMask (CUDA fast path, §7.3).
+Two encodings of one rule: a dense additive float mask for HF eager/sdpa (transformers 5.23 reads a boolean 4-D mask
+wrongly with eager attention), and a FlexAttention BlockMask (CUDA fast path, §7.3).
 """
 
 from __future__ import annotations

@@ -369,5 +369,5 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # env.md §2: ZeRO-3 aborts at exit without it
+        dist.destroy_process_group()  # ZeRO-3 aborts at exit without it
     return 0

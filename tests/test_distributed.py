@@ -3,7 +3,7 @@ ZeRO-3 run preempted on one rank checkpoints on both and resumes.
 
 Every run is `mtp train` on the tiny model: the reference in this process (no DeepSpeed, 4 rows per step), the
 distributed ones under `torchrun --nproc_per_node 2` with `--deepspeed launch/ds_zero{2,3}.json` and 2 rows per process
-(the env.md §2 recipe: `use_cpu`, `optim adamw_torch`, no `train_batch_size` in the DeepSpeed config). Both ranks draw
+(what DeepSpeed needs on a CPU: `use_cpu`, `optim adamw_torch`, no `train_batch_size` in the DeepSpeed config). Both ranks draw
 their own (k, offset) in a real run; here k and the offset are fixed (k_min = k_max, no random offsets) so the packed
 problems are the same ones the single process sees, and the runs must agree up to reduction order. Under ZeRO-3 the
 frozen teacher is itself a ZeRO-3 engine (TRL's `prepare_deepspeed`), so this also runs the sharded teacher.

@@ -59,7 +59,7 @@ def test_deepspeed_json_uses_auto_sizes(name, stage):
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert config[key] == "auto"
     assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
-    # env.md §2: with train_batch_size present a CPU run under torchrun fails DeepSpeed's batch-size assertion.
+    # With train_batch_size present a CPU run under torchrun fails DeepSpeed's batch-size assertion.
     assert "train_batch_size" not in config
     if stage == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
