@@ -114,11 +114,12 @@ def check_writable(path, flag: str) -> None:
 
 
 def check_output_file(path, flag: str) -> Path:
-    """UserError unless `path` can be written as a file (not a directory, its directory exists or can be made)."""
+    """UserError unless `path` can be written as a file (not a directory, its directory exists or can be made). An
+    existing file is replaced, not written into: its directory is what must be writable."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory")
-    check_writable(path, flag)
+    check_writable(path.parent if path.exists() else path, flag)
     return path
 
 

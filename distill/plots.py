@@ -1,10 +1,17 @@
-"""training.png: the curves of one `mtp train` run, drawn from its log history (trainer_state.json).
+"""The project's run figures, drawn from the records a command already wrote or returned.
 
-One place draws it: `mtp train` writes `output_dir/training.png` when the run ends and `mtp demo` copies the same
-drawing into its output. Panels: the distillation loss; student/teacher argmax agreement at positions >= 2 (the <MTP>
-slots); and, when the run logged them (`acceptance_eval_steps`, distill/acceptance.py), ConfAdapt's tokens per
-forward pass and mean acceptance length on held-out prompts with the agreement with the starting model's k=1.
-Written atomically (distill/files.py).
+training.png: the curves of one `mtp train` run, drawn from its log history (trainer_state.json). `mtp train` writes
+`output_dir/training.png` when the run ends and `mtp demo` copies the same drawing into its output. Panels: the
+distillation loss; student/teacher argmax agreement at positions >= 2 (the <MTP> slots); and, when the run logged them
+(`acceptance_eval_steps`, distill/acceptance.py), ConfAdapt's tokens per forward pass and mean acceptance length on
+held-out prompts with the agreement with the starting model's k=1.
+
+The concurrency figure (`mtp bench-decode --plot`, adaptive/bench.py): each mode's throughput as a ratio to HF batched
+greedy at the same concurrency, against concurrency on a log2 axis, a dashed line at 1.0 (greedy itself) and the
+serving debriefs' anchors as labelled markers (paper §5.7: the authors' SGLang ConfAdapt at 0.26x and EAGLE-3 at
+1.39x of non-MTP throughput at concurrency 16): does a mode collapse as requests are batched together?
+
+Every figure is written atomically (distill/files.py).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distill.errors import UserError
 from distill.files import replace_atomically
 
 
@@ -67,3 +75,52 @@ def training_plot(log_history: list[dict], path) -> Path | None:
     replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def concurrency_plot(results: list[dict], path, *, anchors=(), title: str | None = None) -> Path:
+    """Draw `ratio_vs_hf_greedy` against `concurrency` (log2 axis) for every mode of `results` (rows of
+    adaptive.bench.run_bench) but hf-greedy, which is the dashed line at 1.0; `anchors`: dicts with label,
+    concurrency and ratio, drawn as labelled markers. PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    if not results:
+        raise UserError("concurrency_plot needs at least one result row")
+    modes = [m for m in dict.fromkeys(r["mode"] for r in results) if m != "hf-greedy"]
+    levels = sorted({int(r["concurrency"]) for r in results} | {int(a["concurrency"]) for a in anchors})
+    fig, ax = plt.subplots(figsize=(11.0, 5.0), constrained_layout=True)
+    ax.axhline(1.0, color="black", ls="--", lw=1.2, label="HF batched greedy (1.0)")
+    colors = plt.cm.tab10.colors
+    top = 1.0
+    for i, mode in enumerate(modes):
+        rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["concurrency"])
+        xs, ys = [r["concurrency"] for r in rows], [r["ratio_vs_hf_greedy"] for r in rows]
+        row_by_row = any(r.get("note", "").startswith("row-by-row") for r in rows)
+        label = f"{mode} (row by row at c > 1)" if row_by_row else mode
+        ax.plot(xs, ys, marker="o", color=colors[i % len(colors)], lw=1.5, ms=5, label=label,
+                ls=":" if mode.startswith("hf-") else "-")
+        top = max([top] + ys)
+    for a, (marker, color) in zip(anchors, [("X", "black"), ("*", "gold"), ("D", "gray")] * 4):
+        ax.plot(a["concurrency"], a["ratio"], marker, color=color, ms=14, mec="black",
+                label=f"{a['label']}: {a['ratio']:.2f}x at c={a['concurrency']}")
+        ax.annotate(f"{a.get('short', a['label'])} {a['ratio']:.2f}x", (a["concurrency"], a["ratio"]),
+                    textcoords="offset points", xytext=(-10, 0), ha="right", va="center", fontsize=8)
+        top = max(top, a["ratio"])
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(levels))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(c) for c in levels])
+    ax.set_xlim(levels[0] / 1.5, levels[-1] * 1.5)
+    ax.set_ylim(0, top * 1.15)
+    ax.set_xlabel("concurrency (requests decoded together)")
+    ax.set_ylabel("throughput / HF batched greedy at the same concurrency")
+    ax.set_title(title or "tokens/s relative to HF batched greedy", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    try:
+        return replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

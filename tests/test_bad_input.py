@@ -272,6 +272,21 @@ CASES = [
         "bench-decode", "--model", c.tiny, "--device", "cuda" if NO_GPU else "cuda:63"], "--device cuda"),
     ("bench-decode-bad-batch-sizes", lambda c: ["bench-decode", "--model", c.tiny, "--batch-sizes", "x"],
      "--batch-sizes"),
+    ("bench-decode-bad-concurrency", lambda c: ["bench-decode", "--model", c.tiny, "--concurrency", "1,0"],
+     "--concurrency"),
+    ("bench-decode-prompts-below-concurrency", lambda c: [
+        "bench-decode", "--model", c.tiny, "--dataset", c.rows, "--concurrency", "1,16", "--prompts", "4",
+        "--plot", c.write("sweep.png", b"an earlier figure")], "--prompts 4 is below the largest --concurrency 16"),
+    ("bench-decode-plot-in-missing-dir", lambda c: ["bench-decode", "--model", c.tiny, "--plot",
+                                                    str(c.tmp / "no" / "sweep.png")], "not an existing directory"),
+    ("bench-decode-plot-not-png", lambda c: ["bench-decode", "--model", c.tiny, "--plot", str(c.tmp / "sweep.svg")],
+     ".png"),
+    ("bench-decode-plot-is-a-directory", lambda c: [
+        "bench-decode", "--model", c.tiny, "--plot", str(Path(c.write("sweep.png/keep", "x")).parent)],
+     "is a directory"),
+    ("bench-decode-bad-k-max-keeps-the-old-plot", lambda c: [
+        "bench-decode", "--model", c.tiny, "--dataset", c.rows, "--k-max", "banana",
+        "--plot", c.write("sweep.png", b"an earlier figure")], "k_max"),
     ("bench-train-zero-steps", lambda c: ["bench-train", "--steps", "0"], "--steps"),
     # --- mtp demo
     ("demo-output-not-created-by-demo", lambda c: [

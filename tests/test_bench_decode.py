@@ -1,4 +1,5 @@
-"""`mtp bench-decode` smoke test on the tiny model (timings are reported, never asserted)."""
+"""`mtp bench-decode` on the tiny model: every mode at every concurrency, the sweep table and figure, bad input
+(timings are reported, never asserted)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,28 @@ import math
 
 import pytest
 
-from adaptive.bench import format_table, held_out_questions
+from adaptive.bench import (COLLAPSE_ANCHORS, format_sweep, format_table, held_out_questions, parse_concurrency,
+                            prompt_count)
 from distill.cli import main as mtp_main
 from distill.errors import UserError
 
 
 def test_bench_decode_json(tiny_model_dir, gsm8k_path, capsys):
     rc = mtp_main(["bench-decode", "--model", tiny_model_dir, "--dataset", str(gsm8k_path), "--prompts", "3",
-                   "--max-new-tokens", "5", "--batch-sizes", "1,2", "--k-max", "4", "--tau", "0.5", "--json"])
+                   "--max-new-tokens", "5", "--concurrency", "1,2", "--k-max", "4", "--tau", "0.5", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
     doc = json.loads(out)  # the whole stdout is one JSON document
-    assert doc["batch_sizes"] == [1, 2] and doc["prompts"] == 3
+    assert doc["concurrency"] == [1, 2] and doc["prompts"] == 3
     modes = ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4)",
              "selfspec(k_max=4)"]
     rows = doc["results"]
-    assert [(r["batch_size"], r["mode"]) for r in rows] == [(b, m) for b in (1, 2) for m in modes]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [(b, m) for b in (1, 2) for m in modes]
     for r in rows:
         assert r["tokens"] > 0 and r["tokens_per_second"] > 0 and math.isfinite(r["ratio_vs_hf_greedy"])
         assert r["ratio_vs_hf_greedy"] > 0 and r["tokens_per_forward"] >= 1.0
         assert r["tokens"] <= 3 * 5
-    by = {(r["batch_size"], r["mode"]): r for r in rows}
+    by = {(r["concurrency"], r["mode"]): r for r in rows}
     for b in (1, 2):
         assert by[(b, "hf-greedy")]["ratio_vs_hf_greedy"] == 1.0
         assert by[(b, "static(k=3)")]["tokens_per_forward"] > 1.0
@@ -45,6 +47,7 @@ def test_bench_decode_k_max_list_with_auto(tiny_model_dir, gsm8k_path, capsys):
                    "--max-new-tokens", "4", "--batch-sizes", "2", "--k-max", "4,auto:3", "--tau", "0.5", "--json"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
+    assert doc["concurrency"] == [2]  # --batch-sizes is the older name of --concurrency
     modes = [r["mode"] for r in doc["results"]]
     assert modes == ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4)",
                      "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=4)", "selfspec(k_max=auto:3)"]
@@ -61,9 +64,85 @@ def test_held_out_questions_are_the_tail(gsm8k_path):
     assert held_out_questions(gsm8k_path, 2) == [json.loads(x)["question"] for x in lines[-2:]]
 
 
+def test_bench_decode_concurrency_sweep_and_plot(tiny_model_dir, gsm8k_path, tmp_path, capsys):
+    import matplotlib.image
+
+    plot = tmp_path / "sweep.png"
+    plot.write_bytes(b"an earlier figure")  # replaced once the sweep is done
+    rc = mtp_main(["bench-decode", "--model", tiny_model_dir, "--dataset", str(gsm8k_path), "--concurrency", "2,1",
+                   "--prompts", "2", "--max-new-tokens", "4", "--k-max", "3,auto:3", "--tau", "0.5",
+                   "--no-prompt-lookup", "--json", "--plot", str(plot)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["concurrency"] == [1, 2] and doc["prompt_lookup_num_tokens"] is None
+    modes = ["hf-greedy", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=3)",
+             "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=3)", "selfspec(k_max=auto:3)"]
+    rows = doc["results"]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [(c, m) for c in (1, 2) for m in modes]
+    for c in (1, 2):
+        at_c = {r["mode"]: r for r in rows if r["concurrency"] == c}
+        greedy, plain = at_c["hf-greedy"]["tokens_per_second"], at_c["static(k=1)"]["tokens_per_second"]
+        for r in at_c.values():  # every ratio is taken against the same concurrency's references
+            assert r["ratio_vs_hf_greedy"] == pytest.approx(r["tokens_per_second"] / greedy)
+            assert r["ratio_vs_k1"] == pytest.approx(r["tokens_per_second"] / plain)
+            assert r["tokens_per_forward"] >= 1.0 and 0 < r["tokens"] <= 2 * 4
+        assert at_c["selfspec(k_max=auto:3)"]["equal_to_hf_greedy"] == "2/2"
+    assert [(a["concurrency"], a["ratio"]) for a in doc["anchors"]] == [(16, 0.26), (16, 1.39)]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(plot).shape[:2]
+    assert height > 300 and width > 500
+    assert f"wrote {plot}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.png"]  # no temporary file left beside it
+
+
+def test_sweep_table_has_every_mode_at_every_concurrency_and_the_anchors():
+    rows = [{"concurrency": c, "mode": m, "ratio_vs_hf_greedy": r, "tokens_per_forward": t}
+            for c, m, r, t in [(1, "hf-greedy", 1.0, 1.0), (1, "static(k=3)", 0.61, 3.0),
+                               (4, "hf-greedy", 1.0, 1.0), (4, "static(k=3)", 0.72, 3.0)]]
+    lines = format_sweep(rows).splitlines()
+    assert lines[0].split()[-2:] == ["c=1", "c=4"]
+    assert lines[3].split()[-4:] == ["0.61", "(3.00)", "0.72", "(3.00)"]
+    anchor = next(line for line in lines if line.startswith(COLLAPSE_ANCHORS[0]["label"]))
+    assert anchor.split()[-4:] == ["2.31", "(0.26", "at", "c=16)"]  # c=16 is not a column: given beside
+
+
+def test_concurrency_plot_draws_every_mode(tmp_path):
+    import matplotlib.image
+
+    from distill.plots import concurrency_plot
+
+    rows = [{"concurrency": c, "mode": m, "ratio_vs_hf_greedy": r, "note": ""}
+            for c in (1, 4, 16) for m, r in [("hf-greedy", 1.0), ("static(k=1)", 0.97), ("selfspec(k_max=4)", 0.8)]]
+    path = concurrency_plot(rows, tmp_path / "c.png", anchors=COLLAPSE_ANCHORS)
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert (image[..., :3].std(axis=(0, 1)) > 0).all()  # something is drawn, not a blank canvas
+    with pytest.raises(UserError, match="at least one"):
+        concurrency_plot([], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_parse_concurrency_and_prompt_count():
+    assert parse_concurrency("16, 1,4,16") == [1, 4, 16]
+    assert prompt_count(None, [1, 16]) == 16 and prompt_count(None, [1, 4, 64]) == 64 and prompt_count(None, [2]) == 16
+    assert prompt_count(3, [1, 2]) == 3
+    with pytest.raises(UserError, match="--prompts 8 is below the largest --concurrency 16"):
+        prompt_count(8, [1, 16])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-sizes", "1,x"], "--batch-sizes"),
     (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--concurrency", "1,x"], "--concurrency"),
+    (["--concurrency", ","], "--concurrency"),
+    (["--concurrency", "1,-4"], "--concurrency"),
+    (["--concurrency", "1,64", "--prompts", "16"], "--prompts 16 is below the largest --concurrency 64"),
+    (["--prompts", "0"], "--prompts"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--plot", "/nonexistent/dir/sweep.png"], "not an existing directory"),
+    (["--plot", "sweep.jpg"], ".png"),
+    (["--plot", "/"], ".png"),
     (["--tau", "0"], "tau"),
     (["--dataset", "/nonexistent.jsonl"], "does not exist"),
     (["--k-max", "4,banana"], "k_max"),
