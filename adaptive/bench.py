@@ -60,8 +60,9 @@ WARMUP_TOKENS = 4
 DEFAULT_CONCURRENCY = "1,16"
 MIN_DEFAULT_PROMPTS = 16  # --prompts without a value: max(this, the largest concurrency)
 
-# Throughput x non-MTP at concurrency 16 in the authors' SGLang fork (PHASE3D_DEBRIEF.md; paper notes §5.7): Llama-3.1-8B
-# MTP checkpoint (EAGLE-3: Llama-3.1-8B-Instruct with its EAGLE-3 drafter), GSM8K, 128 new tokens, bf16, one GPU.
+# Throughput x non-MTP at concurrency 16 in the authors' SGLang fork (PHASE3D_DEBRIEF.md; paper notes §5.7):
+# Llama-3.1-8B MTP checkpoint (EAGLE-3: Llama-3.1-8B-Instruct with its EAGLE-3 drafter), GSM8K, 128 new tokens, bf16,
+# one GPU, server-side throughput, continuous batching.
 COLLAPSE_ANCHORS = (
     {"label": "authors' SGLang ConfAdapt(k_max=16, tau=0.9)", "short": "SGLang ConfAdapt", "concurrency": 16,
      "ratio": 0.26,
