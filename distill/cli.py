@@ -4,7 +4,7 @@
     mtp bench-train [--json]                                        MTP step vs plain SFT step, side by side
     mtp export --model DIR --output DIR                             merge LoRA, write a plain HF directory
     mtp generate --model DIR|alias --prompt ...                     decode with static / confadapt / selfspec
-    mtp bench-decode [--json]                                       tokens/s of each strategy vs HF baselines
+    mtp bench-decode [--concurrency 1,16] [--plot F.png] [--json]   tokens/s of each strategy vs HF baselines
     mtp calibrate --model DIR                                       fit confidence calibration (saved beside the model)
     mtp tune --model DIR --target-agreement 0.95 --prompts P.jsonl  certified tau / k_max, never slower than k=1
     mtp evaluate --model DIR                                        GSM8K accuracy and speed of decoding strategies
@@ -29,7 +29,8 @@ COMMANDS = {
     "bench-train": ("distill.bench", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
     "export": ("distill.export", "main", "merge LoRA and save a plain safetensors HF directory"),
     "generate": ("adaptive.cli", "generate_main", "generate with static / confadapt / selfspec decoding"),
-    "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup"),
+    "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup, "
+                     "at each concurrency"),
     "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
     "tune": ("adaptive.tuner", "main", "pick tau / k_max for a certified accuracy drop or agreement with k=1, "
              "never slower than k=1 (Learn-then-Test)"),

@@ -13,7 +13,8 @@
 #      equals the dense-mask path (tiny and default model, bf16, loss and gradients); the decode oracles on CUDA
 #      (Static(1) and the self-speculative mode equal HF greedy, batched); generate(custom_generate=...) on CUDA.
 #   2. mtp bench-train --bf16: MTP step time / SFT step time in bf16 on the default model.
-#   3. mtp bench-decode --concurrency 1,16 on CUDA (when this tree's bench-decode has --concurrency).
+#   3. mtp bench-decode --concurrency 1,16 on CUDA: every mode's tokens/s as a ratio to HF batched greedy at each
+#      concurrency (JSON, the table's ratios in summary.txt, and the figure bench_decode_c1_16.png).
 #   4. (GPU_CHECK_VLLM=1, vLLM installed) an exported checkpoint served as its own parallel-drafting draft model gives
 #      vLLM's greedy output unchanged, with the mean acceptance length vLLM reports.
 # Exit status: 0 when every step that ran passed, 1 otherwise, 2 when the machine lacks what the checks need.
@@ -73,12 +74,15 @@ if run_step bench_train_bf16 90 "$py" -m distill.cli bench-train --bf16 --skip-m
 fi
 
 # 3. the decoding sweep at concurrency 1 and 16 on CUDA
-if "$py" -m distill.cli bench-decode --help 2>/dev/null | grep -q -- "--concurrency"; then
-  if run_step bench_decode_c1_16 120 "$py" -m distill.cli bench-decode --concurrency 1,16 --json; then
-    cp "$out/bench_decode_c1_16.out" "$out/bench_decode_c1_16.json"
-  fi
-else
-  note "SKIP bench_decode_c1_16: this tree's mtp bench-decode has no --concurrency"
+if run_step bench_decode_c1_16 120 "$py" -m distill.cli bench-decode --concurrency 1,16 --json \
+    --plot "$out/bench_decode_c1_16.png"; then
+  cp "$out/bench_decode_c1_16.out" "$out/bench_decode_c1_16.json"
+  "$py" - "$out/bench_decode_c1_16.json" >> "$summary" 2>&1 <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    print(f"bench-decode c={r['concurrency']:<3} {r['mode']:<36} x HF greedy {r['ratio_vs_hf_greedy']:.2f}  "
+          f"tokens/forward {r['tokens_per_forward']:.2f}")
+PY
 fi
 
 # 4. vLLM, on request
