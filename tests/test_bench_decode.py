@@ -108,6 +108,7 @@ def test_sweep_table_has_every_mode_at_every_concurrency_and_the_anchors():
 
 
 def test_concurrency_plot_draws_every_mode(tmp_path):
+    import matplotlib.colors
     import matplotlib.image
 
     from distill.plots import concurrency_plot
@@ -115,9 +116,15 @@ def test_concurrency_plot_draws_every_mode(tmp_path):
     rows = [{"concurrency": c, "mode": m, "ratio_vs_hf_greedy": r, "note": ""}
             for c in (1, 4, 16) for m, r in [("hf-greedy", 1.0), ("static(k=1)", 0.97), ("selfspec(k_max=4)", 0.8)]]
     path = concurrency_plot(rows, tmp_path / "c.png", anchors=COLLAPSE_ANCHORS)
-    image = matplotlib.image.imread(path)
+    image = matplotlib.image.imread(path)[..., :3]
     assert image.shape[0] > 300 and image.shape[1] > 500
-    assert (image[..., :3].std(axis=(0, 1)) > 0).all()  # something is drawn, not a blank canvas
+
+    def pixels(color) -> int:
+        return int((abs(image - matplotlib.colors.to_rgb(color)).max(axis=-1) < 0.02).sum())
+
+    # one line per mode but hf-greedy (tab10 in order) and the gold star of the EAGLE-3 anchor; no third mode line
+    assert pixels("tab:blue") > 50 and pixels("tab:orange") > 50 and pixels("gold") > 20
+    assert pixels("tab:green") == 0
     with pytest.raises(UserError, match="at least one"):
         concurrency_plot([], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
