@@ -26,8 +26,8 @@ Concurrency (`--concurrency 1,4,16,64`; `--batch-sizes` is the same flag under i
 prompts are decoded in consecutive batches of c, each batch started together and finished when its last row ends
 (no continuous batching: a new request never joins a running batch); every concurrency decodes the same prompts, so
 `--prompts` must be at least the largest c and defaults to max(16, largest c). Every ratio is taken at the same
-concurrency. The question the sweep answers is the serving debriefs' (paper §5.7, §6.2; `PHASE3D_DEBRIEF.md` of the
-authors' SGLang fork jwkirchenbauer/sglang-mtp-lm): there ConfAdapt(k_max=16, tau=0.9) runs at 2.31x non-MTP
+concurrency. The question the sweep answers is the serving debriefs' (`PHASE3D_DEBRIEF.md` of the paper authors'
+SGLang fork, github.com/jwkirchenbauer/sglang-mtp-lm): there ConfAdapt(k_max=16, tau=0.9) runs at 2.31x non-MTP
 throughput at concurrency 1 but 0.26x at concurrency 16, because a decode batch must share one query length and the
 scheduler defers the other requests, while EAGLE-3 holds 1.39x at 16 (`COLLAPSE_ANCHORS`). Here rows of different
 query lengths share every forward (adaptive/decoder.py, "Batching"). `--plot` draws the ratio to HF greedy against
@@ -60,16 +60,15 @@ WARMUP_TOKENS = 4
 DEFAULT_CONCURRENCY = "1,16"
 MIN_DEFAULT_PROMPTS = 16  # --prompts without a value: max(this, the largest concurrency)
 
-# Throughput x non-MTP at concurrency 16 in the authors' SGLang fork (PHASE3D_DEBRIEF.md; paper notes §5.7):
-# Llama-3.1-8B MTP checkpoint (EAGLE-3: Llama-3.1-8B-Instruct with its EAGLE-3 drafter), GSM8K, 128 new tokens, bf16,
-# one GPU, server-side throughput, continuous batching.
+# Throughput x non-MTP at concurrency 16 (and 1) in the authors' SGLang fork (jwkirchenbauer/sglang-mtp-lm,
+# PHASE3D_DEBRIEF.md): Llama-3.1-8B MTP checkpoint (EAGLE-3: Llama-3.1-8B-Instruct with its EAGLE-3 drafter), GSM8K,
+# 128 new tokens, bf16, one GPU, server-side generation throughput.
+_DEBRIEF = "jwkirchenbauer/sglang-mtp-lm PHASE3D_DEBRIEF.md"
 COLLAPSE_ANCHORS = (
     {"label": "authors' SGLang ConfAdapt(k_max=16, tau=0.9)", "short": "SGLang ConfAdapt", "concurrency": 16,
-     "ratio": 0.26,
-     "ratio_at_concurrency_1": 2.31, "source": "jwkirchenbauer/sglang-mtp-lm PHASE3D_DEBRIEF.md"},
+     "ratio": 0.26, "ratio_at_concurrency_1": 2.31, "source": _DEBRIEF},
     {"label": "EAGLE-3 in SGLang", "short": "SGLang EAGLE-3", "concurrency": 16, "ratio": 1.39,
-     "ratio_at_concurrency_1": 2.07,
-     "source": "jwkirchenbauer/sglang-mtp-lm PHASE3D_DEBRIEF.md"},
+     "ratio_at_concurrency_1": 2.07, "source": _DEBRIEF},
 )
 
 

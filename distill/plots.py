@@ -8,8 +8,9 @@ held-out prompts with the agreement with the starting model's k=1.
 
 The concurrency figure (`mtp bench-decode --plot`, adaptive/bench.py): each mode's throughput as a ratio to HF batched
 greedy at the same concurrency, against concurrency on a log2 axis, a dashed line at 1.0 (greedy itself) and the
-serving debriefs' anchors as labelled markers (paper §5.7: the authors' SGLang ConfAdapt at 0.26x and EAGLE-3 at
-1.39x of non-MTP throughput at concurrency 16): does a mode collapse as requests are batched together?
+serving debriefs' anchors as labelled markers (the paper authors' SGLang fork, jwkirchenbauer/sglang-mtp-lm
+PHASE3D_DEBRIEF.md: ConfAdapt at 0.26x and EAGLE-3 at 1.39x of non-MTP throughput at concurrency 16): does a mode
+collapse as requests are batched together?
 
 Every figure is written atomically (distill/files.py).
 """
