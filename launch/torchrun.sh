@@ -7,7 +7,7 @@
 #   launch/torchrun.sh 4 recipes/qwen3-4b-metamath.yaml --deepspeed launch/ds_zero2.json  # DeepSpeed ZeRO-2
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh 4 recipes/llama31-8b-magpie.yaml \
 #       --deepspeed launch/ds_zero3.json                                                 # run on every node
-#   launch/torchrun.sh 2 recipes/smollm2-cpu.yaml --use_cpu true                          # CPU, gloo backend
+#   launch/torchrun.sh 2 recipes/smollm2-cpu-full.yaml --use_cpu true                          # CPU, gloo backend
 #
 # Extra arguments go to `mtp train` and override the recipe. Environment: NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500).

@@ -110,7 +110,7 @@ def restore_environment():
 
 
 # A short real distillation run, shared by the slow tests that need a trained MTP checkpoint (tests/test_train_smollm2.py;
-# decoding tests may reuse it). recipes/smollm2-cpu.yaml with the row shrunk to S=64, M=2 so 30 steps fit in about two
+# decoding tests may reuse it). recipes/smollm2-cpu-full.yaml with the row shrunk to S=64, M=2 so 30 steps fit in about two
 # minutes on 2 idle cores; the held-out eval runs at step 0 and at step 30 on the same rows and (k, offset) draws.
 SMOLLM2_SHORT_RUN_STEPS = 30
 
@@ -123,7 +123,7 @@ def trained_smollm2_dir(smollm2_dir, gsm8k_path, tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("trained-smollm2") / "run"
     argv = [
-        "--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--output_dir", str(out),
+        "--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--output_dir", str(out),
         "--max_steps", str(SMOLLM2_SHORT_RUN_STEPS), "--save_steps", str(SMOLLM2_SHORT_RUN_STEPS),
         "--seq_len", "64", "--num_regions", "2", "--max_train_samples", "256",
         "--eval_fraction", "0.02", "--max_eval_samples", "32", "--per_device_eval_batch_size", "8",

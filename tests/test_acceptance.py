@@ -91,7 +91,7 @@ def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir,
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb-dir").mkdir()
     out = tmp_path / "run"
-    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--model_name_or_path", tiny_model_dir,
+    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--model_name_or_path", tiny_model_dir,
             "--output_dir", str(out), "--max_train_samples", "16", "--eval_fraction", "0", "--max_steps", "2",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
             "--acceptance_eval_steps", "1", "--acceptance_prompts", "2", "--acceptance_max_new_tokens", "6",
@@ -141,7 +141,7 @@ def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir,
 def test_bad_acceptance_settings_are_user_errors(tiny_model_dir, tmp_path):
     from distill.errors import UserError
 
-    base = ["--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--output_dir", str(tmp_path / "x")]
+    base = ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--output_dir", str(tmp_path / "x")]
     for flags, message in ((["--acceptance_eval_steps", "-1"], "acceptance_eval_steps must be >= 0"),
                            (["--acceptance_tau", "1.5"], "acceptance_tau must be in"),
                            (["--acceptance_k_max", "9"], "more than the k_max 8")):

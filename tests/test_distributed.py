@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from distill import trainer_cli
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
+CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu-full.yaml")
 GLOBAL_BATCH, STEPS = 4, 3
 
 

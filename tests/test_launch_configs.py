@@ -192,9 +192,9 @@ def test_slurm_submits_itself_with_the_asked_node_count(fake_tools):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "recipes/none.yaml"], "recipe recipes/none.yaml not found"),
-    (["--config", "recipes/smollm2-cpu.yaml", "--accelerate", "zero4"], "no accelerate config launch/zero4.yaml"),
-    (["--config", "recipes/smollm2-cpu.yaml", "--nodes", "two"], "--nodes must be a positive integer"),
-    (["--config", "recipes/smollm2-cpu.yaml", "--accelerate", "fsdp", "--launcher", "torchrun"],
+    (["--config", "recipes/smollm2-cpu-full.yaml", "--accelerate", "zero4"], "no accelerate config launch/zero4.yaml"),
+    (["--config", "recipes/smollm2-cpu-full.yaml", "--nodes", "two"], "--nodes must be a positive integer"),
+    (["--config", "recipes/smollm2-cpu-full.yaml", "--accelerate", "fsdp", "--launcher", "torchrun"],
      "use --launcher accelerate for fsdp"),
     (["--config"], "--config needs a value"),
 ])
@@ -221,7 +221,7 @@ def test_slurm_forwards_sigterm_to_the_trainers_and_requeues(fake_tools, tmp_pat
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [[ "$1" == show ]]; then echo node-a; else echo "scontrol $*" >> "$LOG"; fi\n')
     env = {**env, "SLURM_JOB_ID": "42", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node-a"}
-    job = subprocess.Popen(["bash", "launch/slurm.sh", "--config", "recipes/smollm2-cpu.yaml", "--accelerate",
+    job = subprocess.Popen(["bash", "launch/slurm.sh", "--config", "recipes/smollm2-cpu-full.yaml", "--accelerate",
                             "single"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not (log.exists() and "accelerate" in log.read_text()):  # the trainer is up

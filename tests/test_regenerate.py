@@ -162,7 +162,7 @@ def test_the_output_trains_with_mtp_train(tiny_model_dir, prompts, tmp_path, cap
     assert regen.main(["--model", tiny_model_dir, "--dataset", str(prompts), "--output", str(data),
                        "--max-new-tokens", "48", "--batch-size", "3"]) == 0
     out = tmp_path / "run"
-    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--model_name_or_path", tiny_model_dir,
+    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--model_name_or_path", tiny_model_dir,
             "--output_dir", str(out), "--dataset_name", str(data), "--eval_fraction", "0", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--seq_len", "24", "--num_regions", "2", "--k_max", "4",
             "--save_strategy", "no", "--disable_tqdm", "true"]
@@ -185,7 +185,7 @@ def test_recipe_regenerates_only_the_head_rows_and_reuses_them(tiny_model_dir, g
         dataset.write_text("".join(next(src) for _ in range(regen.HELD_OUT_TAIL + 10)))
 
     def args(out: str, *extra: str) -> list[str]:
-        return ["--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--model_name_or_path", tiny_model_dir,
+        return ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--model_name_or_path", tiny_model_dir,
                 "--output_dir", str(tmp_path / out), "--dataset_name", str(dataset), "--eval_fraction", "0",
                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--seq_len", "24", "--num_regions", "2",
                 "--k_max", "4", "--save_strategy", "no", "--disable_tqdm", "true", "--regenerate", "true",

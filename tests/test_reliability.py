@@ -31,7 +31,7 @@ from distill.cli import main as mtp
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 REPO = Path(__file__).resolve().parents[1]
-CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
+CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu-full.yaml")
 STEPS = 6
 
 

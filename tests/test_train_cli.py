@@ -21,7 +21,7 @@ from distill.errors import UserError
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
+CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu-full.yaml")
 
 
 # ------------------------------------------------------------------------------------------------------------ recipes
@@ -29,7 +29,7 @@ CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu.yaml")
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"smollm2-cpu.yaml", "smollm2-lora.yaml", "qwen3-4b-metamath.yaml", "llama31-8b-magpie.yaml"} <= names
+    assert {"smollm2-cpu.yaml", "smollm2-cpu-full.yaml", "qwen3-4b-metamath.yaml", "llama31-8b-magpie.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -226,7 +226,7 @@ def test_train_saves_refuses_to_overwrite_and_resumes(tiny_model_dir, gsm8k_path
 def test_lora_run_saves_adapter_and_tokenizer(tiny_model_dir, gsm8k_path, tmp_path, capsys):
     out = tmp_path / "lora"
     argv = _run_args(tiny_model_dir, out, "--max_steps", "1", "--save_strategy", "no")
-    argv[1] = str(REPO / "recipes" / "smollm2-lora.yaml")
+    argv[1] = str(REPO / "recipes" / "smollm2-cpu.yaml")
     assert trainer_cli.main(argv) == 0
     assert f"saved LoRA adapter + tokenizer to {out}" in capsys.readouterr().out
     adapter = json.loads((out / "adapter_config.json").read_text())

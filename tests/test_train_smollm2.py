@@ -1,6 +1,6 @@
 """A real distillation run on SmolLM2-135M-Instruct learns multi-token prediction and leaves a resumable checkpoint.
 
-The run (fixture `trained_smollm2_dir` in conftest.py) is recipes/smollm2-cpu.yaml shortened to 30 steps. Progress is
+The run (fixture `trained_smollm2_dir` in conftest.py) is recipes/smollm2-cpu-full.yaml shortened to 30 steps. Progress is
 judged on the held-out eval split, evaluated at step 0 and at step 30 on the same rows with the same (k, offset) draws
 (the trainer's eval sampler restarts at every evaluation), so the only thing that differs is the student. Training-step
 losses are not compared: each step draws its own k, and the loss depends strongly on k.
@@ -59,7 +59,7 @@ def test_checkpoint_resumes_and_continues_the_step_count(trained_smollm2_dir, tm
     checkpoint = Path(trained_smollm2_dir) / f"checkpoint-{STEPS}"
     assert (checkpoint / "trainer_state.json").is_file()
     out = tmp_path / "resumed"  # a new output dir: the shared run stays as it is for other tests
-    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu.yaml"), "--output_dir", str(out),
+    argv = ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--output_dir", str(out),
             "--resume_from_checkpoint", str(checkpoint), "--max_steps", str(STEPS + 2), "--save_strategy", "no",
             "--seq_len", "64", "--num_regions", "2", "--max_train_samples", "256", "--eval_fraction", "0.02",
             "--logging_steps", "1", "--disable_tqdm", "true"]
