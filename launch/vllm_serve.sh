@@ -14,6 +14,11 @@
 # distribution (vLLM's rejection sampling). The checkpoint runs twice per step (as draft and as target), so it pays
 # off only when the mean acceptance length (vLLM logs it) is well above 2; `mtp generate --strategy selfspec` does
 # the same verification in one forward per step. Needs a GPU and `pip install vllm` (not a dependency of this package).
+#
+# A mask-only export (`lora_mask_only`; DIR/mtp_adapter/ beside the base weights) is the base model itself to vLLM,
+# which cannot gate an adapter by token. Serve DIR as the target and a merged copy as the draft:
+#   mtp export --model RUN --output merged/ --merge-adapter
+#   DRAFT=merged/ launch/vllm_serve.sh DIR 4        # target = the base model (its exact outputs), draft = merged/
 set -euo pipefail
 
 print_only=0
@@ -36,15 +41,21 @@ if ! [[ "$k" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 python_bin=${PYTHON:-python3}
-config=$("$python_bin" - "$dir" "$k" <<'PY'
+config=$("$python_bin" - "$dir" "$k" "${DRAFT:-}" <<'PY'
 import json, os, sys
-directory, k = sys.argv[1], int(sys.argv[2])
-cfg = json.load(open(os.path.join(directory, "config.json"), encoding="utf-8"))
+directory, k, draft = sys.argv[1], int(sys.argv[2]), sys.argv[3] or sys.argv[1]
+if os.path.isdir(os.path.join(draft, "mtp_adapter")):
+    sys.exit(f"error: {draft} keeps a mask-only adapter beside the base weights, which vLLM would not load; export a "
+             "merged draft (`mtp export --merge-adapter`) and pass it as DRAFT=")
+for path in (directory, draft):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        sys.exit(f"error: {path} has no config.json (pass a directory written by `mtp export`)")
+cfg = json.load(open(os.path.join(draft, "config.json"), encoding="utf-8"))
 if cfg.get("pard_token") is None:
-    sys.exit(f"error: {directory}/config.json has no pard_token: re-export it with `mtp export`")
+    sys.exit(f"error: {draft}/config.json has no pard_token: re-export it with `mtp export`")
 if cfg.get("pard_token") != cfg.get("mtp_mask_token_id"):
-    sys.exit(f"error: {directory}/config.json: pard_token differs from mtp_mask_token_id")
-print(json.dumps({"method": "draft_model", "model": os.path.abspath(directory), "parallel_drafting": True,
+    sys.exit(f"error: {draft}/config.json: pard_token differs from mtp_mask_token_id")
+print(json.dumps({"method": "draft_model", "model": os.path.abspath(draft), "parallel_drafting": True,
                   "num_speculative_tokens": k}))
 PY
 ) || exit 2

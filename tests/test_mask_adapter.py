@@ -267,3 +267,24 @@ def test_prefix_cache_run_trains_the_masks_only(tiny_model_dir, gsm8k_path, tmp_
 def test_prefix_cache_needs_mask_only_gt(tmp_path, overrides, match):
     with pytest.raises(UserError, match=match):
         MTPDistillConfig(output_dir=str(tmp_path / "x"), max_steps=1, **{**SMALL, **overrides})
+
+
+def test_vllm_serves_a_mask_only_export_with_a_merged_draft(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from distill.export import export_model
+
+    _, checkpoint = trained
+    target = export_model(str(checkpoint), tmp_path / "export")
+    draft = export_model(str(checkpoint), tmp_path / "merged", merge_adapter=True)
+    script = Path(__file__).resolve().parents[1] / "launch" / "vllm_serve.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    alone = subprocess.run(["bash", str(script), "--print-config", str(target)], capture_output=True, text=True,
+                           env=env)
+    assert alone.returncode == 2 and "--merge-adapter" in alone.stderr and alone.stdout == ""
+    paired = subprocess.run(["bash", str(script), "--print-config", str(target), "3"], capture_output=True, text=True,
+                            env={**env, "DRAFT": str(draft)})
+    assert paired.returncode == 0, paired.stderr
+    assert json.loads(paired.stdout)["model"] == str(draft)
