@@ -13,8 +13,8 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    calibrator beside the model, so ConfAdapt uses it;
 3. **tune** tau and k_max on other held-out questions, without their gold answers: the fastest ConfAdapt setting
    whose agreement with k=1's final answers is certified by Learn-then-Test at level delta and whose wall-clock
-   speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), else plain decoding; written into the
-   model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
+   speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), or the lossless self-speculative mode when it
+   is measured faster still, else plain decoding; written into the model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
    setting leaves greedy are decoded with it). SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate
    would be vacuous here; agreement with k=1 is what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
@@ -362,9 +362,10 @@ def main(argv: list[str]) -> int:
     # 4. evaluate -------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     choice = tuning["choice"]
-    certified = choice["tau"] is not None
-    # Plain decoding kept (nothing certified, or nothing certified was faster than k=1): the table still shows
-    # ConfAdapt at the most conservative tau and the largest k_max, marked as not chosen.
+    certified = choice["strategy"] == "confadapt"
+    lossless = choice["strategy"] == "selfspec"
+    # Plain decoding or the lossless mode chosen (nothing certified, or nothing certified was faster): the table still
+    # shows ConfAdapt at the most conservative tau and the largest k_max, marked as not chosen.
     tau = choice["tau"] if certified else max(plan.taus)
     k_max = choice["k_max"] if certified else max(k_maxes)
     tuned = ConfAdapt(tau, k_max, scorer=calibrator)
@@ -385,17 +386,22 @@ def main(argv: list[str]) -> int:
     rows[0]["label"] = "k=1 (next-token)"
     rows[2]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
     rows[3]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
+    if lossless:
+        rows[4]["label"] += " (tuned)"
     rows[-1]["label"] = "base model k=1 (undistilled)"
     same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(reports[0].results, base.results))
     table = _table(rows)
     print(f"\n{table}")
-    if not certified:
+    if lossless:
+        print(f"\nthe tuner chose the lossless self-speculative mode for the generation config: {choice['reason']}")
+    elif not certified:
         print(f"\nthe tuner kept plain decoding (k=1) in the generation config: {choice['reason']}")
     print(f"distillation kept the model's own k=1 final answer on {100 * base.agreement:.0f}% of the questions "
           f"({same_tokens}/{len(eval_set)} token for token)")
-    chunks = write_html(out / "chunks.html", reports[2].results, tokenizer,
+    shown = 4 if lossless else 2  # the tuned decoding (ConfAdapt's row when nothing faster was chosen)
+    chunks = write_html(out / "chunks.html", reports[shown].results, tokenizer,
                         title="mtp demo: tuned decoding, one colour per forward pass",
-                        strategy_label=strategies[1].label, stop_token_ids=decoder.stop_token_ids)
+                        strategy_label=strategies[shown - 1].label, stop_token_ids=decoder.stop_token_ids)
     timings["total"] = time.perf_counter() - started
     report = {
         "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,

@@ -41,7 +41,10 @@ ranked by the speed metric (tokens per forward, the paper's "acceleration factor
 --measure of them are measured, and the choice is the best measured one that is not slower than k=1 (--speed tokens:
 the highest tokens/forward; wallclock: the highest measured tok/s). Choosing among certified settings keeps the
 guarantee, since it holds for all of them at once. When nothing is certified, or every measured candidate is slower,
-the tuner says so plainly and keeps plain decoding (static k=1) as the default. --min-speed S instead ranks the
+the tuner says so plainly and keeps plain decoding (static k=1) as the default. The lossless self-speculative mode
+(k_max auto) is timed on the same sample too: it returns k=1's tokens exactly, so it needs no certificate, and it
+becomes the default when it is measured faster than k=1 and than the chosen ConfAdapt setting (--no-lossless: off).
+--min-speed S instead ranks the
 settings with speed >= S by accuracy (or agreement) — a speed target without a certification claim — and the same
 wall-clock rule applies.
 
@@ -684,18 +687,48 @@ def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | N
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is not a model directory")
     make_strategy(strategy, k_max=k_max, tau=tau)  # validates: UserError before anything is written
-    if strategy == "static" and k_max != 1:
+    if strategy == "static" and str(k_max) != "1":
         raise UserError("the tuner writes confadapt, selfspec or plain decoding (static k=1), not static k>1")
     gen = _read_generation_config(model_dir)
     # A config derived from config.json is flagged `_from_model_config`, and transformers then drops every extra
     # attribute on reload (see distill.export.mtp_generation_config).
     gen._from_model_config = False
     gen.mtp_strategy = strategy
-    gen.mtp_k_max = int(k_max)
+    gen.mtp_k_max = k_max if isinstance(k_max, str) and k_max.startswith("auto") else int(k_max)
     gen.mtp_tau = float(tau) if strategy == "confadapt" else None
     target = model_dir / GENERATION_CONFIG
     mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
     return replace_atomically(target, lambda tmp: gen.to_json_file(tmp), mode=mode)
+
+
+def _lossless_choice(decoder, sample: list[dict], choice: dict, k1_sample, k_maxes: Sequence[int], common: dict):
+    """(choice, report row, k=1's run on the sample): the self-speculative mode under the span controller, timed
+    beside k=1 on the speed sample. It returns k=1's tokens exactly (no certificate needed), so it replaces the
+    choice when it is faster than k=1 and than a chosen ConfAdapt setting's measured speed."""
+    from adaptive.evaluate import run_eval
+    from adaptive.strategies import SelfSpeculative, Static
+
+    k_max = f"auto:{max(int(k) for k in k_maxes)}"
+    if k1_sample is None:
+        k1_sample = run_eval(decoder, sample, Static(1), **common, progress=False)
+    run = run_eval(decoder, sample, SelfSpeculative(k_max), **common, progress=False)
+    reference = k1_sample.tokens_per_second
+    row = {"strategy": "selfspec", "k_max": k_max, "tokens_per_second": run.tokens_per_second,
+           "reference_tokens_per_second": reference, "speed_sample": len(sample),
+           "tokens_per_forward": run.tokens_per_forward_mean,
+           "speedup_vs_k1": run.tokens_per_second / reference if reference else None}
+    print(f"  selfspec k_max={k_max} (lossless): {run.tokens_per_second:.1f} tok/s vs k=1 {reference:.1f} "
+          f"({row['speedup_vs_k1']:.2f}x)", file=sys.stderr)
+    rival = reference
+    if choice["strategy"] == "confadapt":
+        rival = max(rival, choice["setting"].get("tokens_per_second") or 0.0)
+    if run.tokens_per_second > rival:
+        choice = {"strategy": "selfspec", "tau": None, "k_max": k_max, "certified": True, "rule": "lossless-faster",
+                  "setting": None, "speedup_vs_k1": row["speedup_vs_k1"],
+                  "reason": f"the lossless self-speculative mode (k=1's tokens exactly, no certificate needed) measured "
+                            f"{run.tokens_per_second:.1f} tok/s, faster than k=1's {reference:.1f}"
+                            + (" and the certified ConfAdapt setting's" if rival > reference else "")}
+    return choice, row, k1_sample
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -722,6 +755,8 @@ def format_table(selection: dict) -> str:
 
 
 def choice_line(choice: dict) -> str:
+    if choice["strategy"] == "selfspec":
+        return f"chosen: selfspec k_max={choice['k_max']} (lossless) - {choice['reason']}"
     if choice["strategy"] != "confadapt":
         return f"chosen: plain decoding (static k=1) - {choice['reason']}"
     s = choice["setting"]
@@ -871,6 +906,9 @@ def main(argv: list[str]) -> int:
                         help="error level: the guarantee holds with probability >= 1 - delta (default 0.05)")
     parser.add_argument("--min-speed", type=float,
                         help="instead: the best setting at least this fast (no certification)")
+    parser.add_argument("--no-lossless", action="store_true",
+                        help="do not time the lossless self-speculative mode as a candidate (it is chosen when "
+                             "measured faster than k=1 and the certified ConfAdapt setting)")
     parser.add_argument("--speed", choices=tuple(SPEEDS), default="tokens",
                         help="rank certified settings by tokens per forward (default) or measured wall-clock tok/s")
     parser.add_argument("--measure", type=int, default=DEFAULT_MEASURE,
@@ -946,7 +984,7 @@ def main(argv: list[str]) -> int:
          agreement_tokens=agreement_tokens, delta=args.delta, taus=taus, k_maxes=k_maxes,
          prompt_format=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
          scorer=calibrator, min_speed=args.min_speed, speed=args.speed, full_sweep=args.full_sweep,
-         sweep_mode=args.sweep, measure=args.measure, labelled=args.prompts is None,
+         sweep_mode=args.sweep, measure=args.measure, labelled=args.prompts is None, lossless=not args.no_lossless,
          report_dir=report_dir, model_dir=None if args.no_write else model_dir,
          extra={"model": str(args.model), "dataset": str(source), "split": args.split, "start": start},
          title=f"mtp tune: {model_dir.name}, n={len(problems)}, {target_text}, delta {args.delta:g}")
@@ -958,7 +996,8 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
          prompt_format: str = "chat", max_new_tokens: int = 256, batch_size: int = 16, scorer=None,
          min_speed: float | None = None, speed: str = "tokens", full_sweep: bool = False, sweep_mode: str = "replay",
          measure: int = DEFAULT_MEASURE, labelled: bool = True, report_dir, model_dir=None,
-         extra: dict | None = None, title: str | None = None, deadline: float | None = None) -> dict:
+         extra: dict | None = None, title: str | None = None, deadline: float | None = None,
+         lossless: bool = True) -> dict:
     """Reference run, sweep (replay or rollouts), LTT selection, wall-clock check against k=1, report.json +
     pareto.png in `report_dir`; the choice goes into `model_dir`'s generation config when given. Returns the report
     (its "choice" holds strategy, tau, k_max).
@@ -967,7 +1006,9 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     the first `agreement_tokens` tokens). `problems` are evaluate.load_problems rows (or load_prompts rows with
     labelled=False); `scorer` is the ConfAdapt confidence (a fitted calibrator or None for the raw top-1 probability).
     `deadline` (time.perf_counter()) stops starting settings; at least one is evaluated and one candidate measured.
-    `mtp tune` and `mtp demo` both come through here.
+    `lossless`: also time the self-speculative mode (k_max auto, bounded by the largest k_max); it returns k=1's tokens
+    exactly, so it needs no certificate, and it is the choice when it is measured faster than k=1 and than the chosen
+    ConfAdapt setting. `mtp tune` and `mtp demo` both come through here.
     """
     from adaptive.evaluate import STOP_STRINGS, encode_prompt, extract_answer, normalize_number, run_eval
     from adaptive.strategies import Static
@@ -1088,6 +1129,9 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
                 break  # ranked by tokens/forward: the first one not slower than k=1 is the choice
         selection = select(ref_correct, settings, **select_args)
     choice = selection["choice"]
+    lossless_row = None
+    if lossless:
+        choice, lossless_row, k1_sample = _lossless_choice(decoder, sample, choice, k1_sample, k_maxes, common)
     ref_fields = _reference_fields(reference, labelled)
     if k1_sample is not None:
         ref_fields.update(speed_sample=len(sample), speed_sample_tokens_per_second=k1_sample.tokens_per_second)
@@ -1127,6 +1171,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
                           if (t, k) not in evaluated],
         "certified": choice["certified"],
         "choice": {key: value for key, value in choice.items() if key != "setting"},
+        "lossless": lossless_row,
     }
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -1151,5 +1196,6 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
         path = write_decoding_defaults(model_dir, choice["strategy"], choice["k_max"], choice["tau"])
         print(f"wrote {path}: `mtp generate --model {model_dir}` now decodes with "
               + (f"confadapt tau={choice['tau']:g} k_max={choice['k_max']}" if choice["strategy"] == "confadapt"
+                 else f"selfspec k_max={choice['k_max']} (lossless)" if choice["strategy"] == "selfspec"
                  else "plain decoding (static k=1)"))
     return report

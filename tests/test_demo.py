@@ -69,12 +69,14 @@ def test_demo_three_minutes_writes_every_artefact(smollm2_dir, gsm8k_path, tmp_p
     assert (out / "model" / "mtp_adapter" / "mtp_adapter.json").is_file()
     assert "accuracy" in printed and "tok/fwd" in printed
     gen = json.loads((out / "model" / "generation_config.json").read_text())
-    assert gen["mtp_strategy"] in ("confadapt", "static")
+    assert gen["mtp_strategy"] in ("confadapt", "static", "selfspec")
     tuning = json.loads((out / "tune" / "report.json").read_text())
     assert tuning["objective"] == "agreement" and tuning["target"] == 0.95 and tuning["labelled"] is False
     choice = tuning["choice"]
     if choice["strategy"] == "confadapt":  # never slower than k=1 in the tuner's own measurement
         chosen = next(s for s in tuning["settings"] if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
         assert chosen["tokens_per_second"] >= chosen["reference_tokens_per_second"]
+    elif choice["strategy"] == "selfspec":  # lossless, and measured faster than k=1
+        assert gen["mtp_k_max"] == choice["k_max"] and tuning["lossless"]["speedup_vs_k1"] > 1
     else:
         assert (gen["mtp_strategy"], gen["mtp_k_max"]) == ("static", 1)

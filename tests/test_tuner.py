@@ -671,3 +671,51 @@ def test_select_min_speed_in_wallclock_ranks_unmeasured_settings_as_candidates()
     settings[1]["tokens_per_second"] = 19.0
     with pytest.raises(UserError, match="no setting reaches --min-speed 20"):
         select(ref, settings, target=0.05, min_speed=20.0, speed="wallclock", reference_speed=15.0)
+
+
+@pytest.mark.parametrize("selfspec_tps, confadapt_tps, expected", [
+    (120.0, None, "selfspec"),   # faster than k=1, nothing certified: the lossless mode
+    (95.0, None, "static"),      # slower than k=1: plain decoding stays
+    (120.0, 130.0, "confadapt"),  # a certified ConfAdapt setting measured faster still
+    (140.0, 130.0, "selfspec"),
+])
+def test_lossless_mode_is_chosen_only_when_measured_faster(monkeypatch, selfspec_tps, confadapt_tps, expected):
+    """The self-speculative mode needs no certificate (k=1's tokens exactly) but must beat k=1 and the chosen
+    ConfAdapt setting on the measured sample (speeds stubbed: tests never time anything)."""
+    from types import SimpleNamespace
+
+    import adaptive.evaluate as evaluate
+    from adaptive.strategies import SelfSpeculative
+    from adaptive.tuner import PLAIN, _lossless_choice
+
+    def fake_run(decoder, sample, strategy, **kwargs):
+        tps = selfspec_tps if isinstance(strategy, SelfSpeculative) else 100.0
+        if isinstance(strategy, SelfSpeculative):
+            assert strategy.auto and strategy.k_max == 8
+        return SimpleNamespace(tokens_per_second=tps, tokens_per_forward_mean=1.4)
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_run)
+    choice = {**PLAIN, "certified": False, "rule": "plain", "setting": None, "reason": "nothing certified"}
+    if confadapt_tps is not None:
+        choice = {"strategy": "confadapt", "tau": 0.9, "k_max": 4, "certified": True, "rule": "fastest-certified",
+                  "setting": {"tokens_per_second": confadapt_tps}, "reason": "certified"}
+    chosen, row, k1 = _lossless_choice(None, [{}], choice, None, [4, 8], {})
+    assert chosen["strategy"] == expected
+    assert row["k_max"] == "auto:8" and row["speedup_vs_k1"] == pytest.approx(selfspec_tps / 100.0)
+    assert k1.tokens_per_second == 100.0
+    if expected == "selfspec":
+        assert chosen["k_max"] == "auto:8" and chosen["tau"] is None and chosen["certified"]
+
+
+def test_tuner_writes_a_lossless_choice(tiny_model_dir, tmp_path):
+    import shutil
+
+    from adaptive.strategies import decoding_defaults
+    from adaptive.tuner import write_decoding_defaults
+    from transformers import GenerationConfig
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    write_decoding_defaults(model_dir, "selfspec", "auto:4", None)
+    defaults = decoding_defaults(GenerationConfig.from_pretrained(model_dir))
+    assert defaults["strategy"] == "selfspec" and defaults["k_max"] == "auto:4"
