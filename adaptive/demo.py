@@ -169,10 +169,11 @@ def _demo_callbacks(seconds: float) -> list:
                 control.should_training_stop = True
 
     class ShortLogLines(TrainerCallback):
-        """The console shows loss and <MTP>-slot agreement only; trainer_state.json keeps every metric (the log
-        history is copied before callbacks see the dict)."""
+        """The console shows loss, <MTP>-slot agreement / accuracy, confidence and the acceptance measurements only;
+        trainer_state.json keeps every metric (the log history is copied before callbacks see the dict)."""
 
-        SHOWN = ("loss", "agree_pos>=2", "confidence", "train_loss", "train_runtime")
+        SHOWN = ("loss", "agree_pos>=2", "gt_acc", "confidence", "train_loss", "train_runtime",
+                 "accept_tokens_per_forward", "accept_agreement")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             for key in [k for k in logs if k not in self.SHOWN]:
