@@ -18,9 +18,9 @@ positions (and the trainable `<MTP>` embedding row) carry the adaptation. Conseq
 Mechanics. Training (`MaskGate`, on peft's LoRA layers): a forward pre-hook on the input embedding reads the token ids
 of each forward and stores the gate; a forward pre-hook on every LoRA `A` projection multiplies its input by the gate
 (A and B are linear and bias-free, so the update is gated exactly). Decoding (`attach_mask_adapter`): the saved
-adapter becomes one `GatedLoRALinear` per adapted layer, without peft; a forward without any `<MTP>` sets the gate to
-None and every such layer is the base linear plus one attribute check, so plain decoding costs what the base model
-costs. Both need `input_ids` (an `inputs_embeds`-only forward is refused).
+adapter becomes one `GatedLoRALinear` per adapted layer, without peft, swapped in only for forwards that carry
+`<MTP>`; a forward without any runs the base model's own layers, so plain decoding costs what the base model costs.
+Both need `input_ids` (an `inputs_embeds`-only forward is refused).
 
 The training output records the choice in `mtp_adapter.json` beside `adapter_config.json`.
 """
@@ -118,8 +118,8 @@ def exported_adapter(model_dir: str | Path) -> Path | None:
 class GatedLoRALinear(torch.nn.Module):
     """Inference form of one mask-only LoRA layer: y = W x + g · B' A x (B' = (α/r) B), g read from the shared gate.
 
-    Without any <MTP> in the forward the gate is None and the layer is the base linear plus one attribute check, so
-    plain decoding costs what the base model costs (peft's own layer adds several Python-level steps per call)."""
+    It sits in the model only during forwards that carry <MTP> (InferenceGate swaps it in and out), so plain decoding
+    runs the untouched base linear layers and costs exactly what the base model costs."""
 
     def __init__(self, base: torch.nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  state: "InferenceGate"):
@@ -144,15 +144,26 @@ class GatedLoRALinear(torch.nn.Module):
 
 
 class InferenceGate:
-    """The gate of every GatedLoRALinear of one model: None in a forward without <MTP>, else [B, T, 1] of 0/1."""
+    """The gate of every GatedLoRALinear of one model: None in a forward without <MTP>, else [B, T, 1] of 0/1.
 
-    def __init__(self, model: torch.nn.Module, mask_token_id: int, layers: list[GatedLoRALinear], rank: int):
+    The gated layers are swapped into their places when a forward carries <MTP> and the base linear layers back when
+    one does not (a few hundred attribute writes, only when the state changes); the wrappers stay registered under
+    `model.mtp_mask_adapter`, so `.to()` moves and casts them with the model."""
+
+    def __init__(self, model: torch.nn.Module, mask_token_id: int, slots: list[tuple], rank: int):
         self.mask_token_id = int(mask_token_id)
-        self.layers = layers
+        self.slots = slots  # (parent module, attribute name, base linear, gated layer)
+        self.layers = [gated for *_, gated in slots]
         self.rank = int(rank)
         self.gate: torch.Tensor | None = None
+        self.installed = False
         self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True),
                          model.get_input_embeddings().register_forward_pre_hook(self._read_ids)]
+
+    def _install(self, gated: bool) -> None:
+        for parent, name, base, layer in self.slots:
+            setattr(parent, name, layer if gated else base)
+        self.installed = gated
 
     def _start(self, module, args, kwargs):
         if kwargs.get("input_ids") is None and not (args and isinstance(args[0], torch.Tensor)):
@@ -163,6 +174,8 @@ class InferenceGate:
     def _read_ids(self, module, args):
         is_mask = args[0] == self.mask_token_id
         self.gate = is_mask.unsqueeze(-1) if bool(is_mask.any()) else None
+        if (self.gate is not None) != self.installed:
+            self._install(self.gate is not None)
 
 
 def _adapter_weights(adapter_dir: Path) -> tuple[dict, dict]:
@@ -219,7 +232,7 @@ def attach_mask_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torc
             raise UserError(f"{adapter_dir}: {name} {tuple(tensor.shape)} does not fit the model")
         target.copy_(tensor.to(target.dtype))
     state = InferenceGate.__new__(InferenceGate)  # filled below, once the layers exist
-    layers = []
+    slots = []
     for name, pair in sorted(pairs.items()):
         base = modules.get(name)
         if not isinstance(base, torch.nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
@@ -228,11 +241,11 @@ def attach_mask_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torc
             raise UserError(f"{adapter_dir}: adapter weights for {name} do not fit its shape")
         layer = GatedLoRALinear(base, pair["lora_A"], pair["lora_B"], scale, state)
         parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, layer)
-        layers.append(layer)
-    if not layers:
+        slots.append((modules[parent] if parent else model, child, base, layer))
+    if not slots:
         raise UserError(f"{adapter_dir} holds no LoRA weights")
-    InferenceGate.__init__(state, model, marker["mask_token_id"], layers, int(config["r"]))
+    InferenceGate.__init__(state, model, marker["mask_token_id"], slots, int(config["r"]))
+    model.mtp_mask_adapter = torch.nn.ModuleList(state.layers)  # registered: .to() moves them with the model
     model._mtp_mask_gate = state
     model.eval()
     return model

@@ -89,6 +89,10 @@ def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
     assert sum(isinstance(m, GatedLoRALinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
     ids = _probe(trainer.mask_token_id)
     torch.testing.assert_close(_logits(model, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
+    q_proj = lambda: model.model.layers[0].self_attn.q_proj  # noqa: E731
+    assert isinstance(q_proj(), GatedLoRALinear)  # a forward with <MTP> runs the gated layers ...
+    _logits(model, ids[:, :3])
+    assert type(q_proj()) is torch.nn.Linear  # ... one without runs the base model's own layers
 
 
 def test_plain_decoding_is_the_base_models_greedy(trained, tiny_model_dir):
