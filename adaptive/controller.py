@@ -58,7 +58,7 @@ COST_QUERY_LENGTHS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 64)  # every short
 COST_CONTEXT = 128  # cached tokens during the measurement: a typical prompt
 COST_REPEATS = 2  # the minimum of repeats is the least disturbed figure on a shared machine
 COST_FILE = "forward_costs.json"
-PROBE_MASKS = 1  # the first mask position is the link every longer span needs; one extra query token per row
+PROBE_MASKS = 1  # at least the first mask position, the link every longer span needs (more when that is cheaper)
 PROBE_INTERVALS = (16, 32, 64, 128)
 PRIOR_RATE, PRIOR_WEIGHT = 0.5, 1.0
 DECAY = 0.9  # per observed step; about ten recent steps dominate
@@ -120,7 +120,10 @@ class SpanController:
         if n == 0:
             self.idle += 1
             if self.idle >= PROBE_INTERVALS[self.probe]:
-                n, self.probing, self.idle = min(PROBE_MASKS, self.n_max), True, 0
+                # The cheapest query that reads at least PROBE_MASKS masks (with a matrix kernel that favours a
+                # longer query, a longer probe costs less and tells more).
+                n = min(range(min(PROBE_MASKS, self.n_max), self.n_max + 1), key=lambda m: (cost(pending + m), m))
+                self.probing, self.idle = True, 0
         else:
             self.idle = 0
         return n

@@ -348,7 +348,7 @@ def main(argv: list[str]) -> int:
     unlabelled = [{"question": p["question"], "answer": None, "index": i} for i, p in enumerate(tune_set)]
     tuning = tuner.tune(decoder, unlabelled, target_agreement=args.target_agreement, delta=args.delta,
                         taus=plan.taus, k_maxes=k_maxes, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
-                        scorer=calibrator, full_sweep=True, measure=plan.measure, labelled=False,
+                        scorer=calibrator, full_sweep=False, measure=plan.measure, labelled=False,
                         report_dir=out / "tune", model_dir=model_dir,
                         title=f"mtp demo: n={len(tune_set)}, agreement with k=1 >= {args.target_agreement:g}, "
                               f"delta {args.delta:g}",
@@ -373,7 +373,8 @@ def main(argv: list[str]) -> int:
     # The same tau with the masks per step chosen by the cost-aware controller (at most k_max - 1), and the lossless
     # mode under the same controller: the two that must never be slower than k=1.
     tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
-    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(f"auto:{max(k_maxes)}")]
+    lossless_k_max = (tuning.get("lossless") or {}).get("k_max") or f"auto:{max(k_maxes)}"
+    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(lossless_k_max)]
     print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
     reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]

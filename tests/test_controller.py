@@ -115,6 +115,18 @@ def test_a_probe_that_finds_accepted_masks_resets_the_interval():
     assert c.probe == 0
 
 
+def test_a_probe_takes_the_cheapest_query():
+    table = {1: 56.0, 2: 96.0, 3: 116.0, 4: 85.0, 5: 74.0, 6: 79.0, 7: 100.0, 8: 79.0}  # 2 CPU cores, batch 1, ms
+    c = SpanController(7, lambda q, b: table[q])
+    chosen = []
+    for _ in range(200):
+        n = c.choose(pending=1, rows=1)
+        chosen.append((n, c.probing))
+        c.observe([(0, n)])
+    probes = [n for n, probing in chosen if probing]
+    assert probes and set(probes) == {4}  # 1 + 4 = 5 query tokens: the cheapest query that reads a mask
+
+
 # ---------------------------------------------------------------------------------------------------- k_max values
 
 
