@@ -22,9 +22,10 @@ as a chain of conditional rates q_i = P(run ≥ i | run ≥ i − 1), counted ov
 reached i − 1, with exponentially decaying counts (recent text predicts the next step better than old text) and a
 weak optimistic prior (q_i = 1/2 with weight 1), so an untrained `<MTP>` is dropped after a few steps and a trained
 one is kept. The prefill reads every mask almost for free (its query is the whole prompt), which gives the first
-observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with one mask (the
-link every longer span needs), at intervals that double while probes find nothing (16, 32, … 128 steps) and reset
-once they do; a probe costs about c(L + 1)/c(L) − 1 of one forward.
+observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with the cheapest
+query that reads at least one mask (the link every longer span needs), at intervals that double while probes find
+nothing (16, 32, … 128 steps) and reset once they do. The counts are carried from one `generate` call of a decoder
+to the next (per strategy), so only the first batch starts from the prior.
 
 Self-speculative decoding pays for a draft twice: as a mask now and as a query token when the next forward verifies
 it, and a row uses new drafts only if all of its current drafts are verified. Its rate is therefore
@@ -95,6 +96,18 @@ class SpanController:
         self.idle = 0  # consecutive steps without masks
         self.probe = 0  # index into PROBE_INTERVALS
         self.probing = False
+
+    def state(self) -> dict:
+        """What was learned (decayed counts, probe interval), for the decoder's next generate call."""
+        return {"hits": list(self.hits), "trials": list(self.trials), "probe": self.probe}
+
+    def restore(self, state: dict | None) -> None:
+        """Start from an earlier call's `state()` instead of the prior (the links both know)."""
+        if not state:
+            return
+        n = min(self.n_max, len(state["hits"]))
+        self.hits[:n], self.trials[:n] = state["hits"][:n], state["trials"][:n]
+        self.probe = state["probe"]
 
     def reach(self) -> list[float]:
         """P(run >= j) for j = 1..n_max from the decayed counts and the prior."""

@@ -129,6 +129,9 @@ class MTPDecoder:
         self.on_step: Callable[[StepTrace], None] | None = None
         # c(q, b) in seconds for k_max="auto": measured on first use (adaptive/controller.py) unless given.
         self._forward_cost = forward_cost
+        # What the span controller learned per strategy (its label), carried from one generate call to the next:
+        # only the first batch a decoder sees starts from the prior.
+        self._span_memory: dict[str, dict] = {}
 
     @property
     def forward_cost(self) -> Callable[[int, int], float]:
@@ -212,6 +215,7 @@ class MTPDecoder:
             if hasattr(self.forward_cost, "prepare"):
                 self.forward_cost.prepare(len(prompts))
             controller = SpanController(n_max, self.forward_cost, speculative=speculative)
+            controller.restore(self._span_memory.get(strategy.label))
         stops = set(self.stop_token_ids)
         rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]
         active = list(range(len(rows)))
@@ -292,6 +296,8 @@ class MTPDecoder:
                 attn = attn.index_select(0, index)
             attn = _drop_unused_columns(cache, attn)
 
+        if controller is not None:
+            self._span_memory[strategy.label] = controller.state()
         return [self._result(r, start + prefill_seconds, prefill_seconds, stop_strings) for r in rows]
 
     def _forward(self, rows: list[_Row], active: list[int], cache, attn: torch.Tensor, K: int):

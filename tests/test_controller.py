@@ -224,3 +224,22 @@ def test_rule_uses_a_cheaper_longer_query():
     reach = [0.5, 0.3, 0.2, 0.1]
     assert best_mask_count(reach, table.__getitem__, 1) == 4
     assert best_mask_count([0.05] * 4, table.__getitem__, 1) == 0  # nothing is worth 74 / 56 = 1.32x
+
+
+def test_decoder_carries_the_estimate_to_its_next_call(rig):
+    """A generate call starts from what the decoder's earlier calls learned for that strategy, not from the prior."""
+    from adaptive.decoder import MTPDecoder
+    from adaptive.strategies import SelfSpeculative
+
+    model, tok = rig
+    cheap = lambda q, b: 1.0 + 0.01 * q  # noqa: E731  masks nearly free: the prior buys every one
+    decoder = MTPDecoder(model, tok, stop_token_ids=[], forward_cost=cheap)
+    prompt = [tok("What is 7 times 8?")["input_ids"]]
+    strategy = SelfSpeculative("auto:4")
+    first = decoder.generate(prompt, strategy, 16)[0]
+    assert first.masks_per_step[0] == 3 and sum(decoder._span_memory[strategy.label]["trials"]) > 0
+    # As if earlier calls had found that no draft is ever kept: the next call starts without masks.
+    decoder._span_memory[strategy.label] = {"hits": [0.0] * 3, "trials": [1000.0] * 3, "probe": 3}
+    second = decoder.generate(prompt, strategy, 16)[0]
+    assert second.masks_per_step[0] == 0
+    assert second.token_ids == first.token_ids  # lossless either way
