@@ -708,9 +708,7 @@ def _lossless_choice(decoder, sample: list[dict], choice: dict, k1_sample, k_max
     from adaptive.evaluate import run_eval
     from adaptive.strategies import SelfSpeculative, Static
 
-    # Drafts past the longest tuned k_max are verified like the others, so they can only cost their share of the
-    # query; the controller appends them only where the cost table makes them cheap (a longer query can cost less).
-    k_max = f"auto:{2 * max(int(k) for k in k_maxes)}"
+    k_max = f"auto:{max(int(k) for k in k_maxes)}"
     if k1_sample is None:
         k1_sample = run_eval(decoder, sample, Static(1), **common, progress=False)
     run = run_eval(decoder, sample, SelfSpeculative(k_max), **common, progress=False)
@@ -1008,7 +1006,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     the first `agreement_tokens` tokens). `problems` are evaluate.load_problems rows (or load_prompts rows with
     labelled=False); `scorer` is the ConfAdapt confidence (a fitted calibrator or None for the raw top-1 probability).
     `deadline` (time.perf_counter()) stops starting settings; at least one is evaluated and one candidate measured.
-    `lossless`: also time the self-speculative mode (k_max auto, bounded by twice the largest k_max); it returns k=1's tokens
+    `lossless`: also time the self-speculative mode (k_max auto, bounded by the largest k_max); it returns k=1's tokens
     exactly, so it needs no certificate, and it is the choice when it is measured faster than k=1 and than the chosen
     ConfAdapt setting. `mtp tune` and `mtp demo` both come through here.
     """

@@ -691,7 +691,7 @@ def test_lossless_mode_is_chosen_only_when_measured_faster(monkeypatch, selfspec
     def fake_run(decoder, sample, strategy, **kwargs):
         tps = selfspec_tps if isinstance(strategy, SelfSpeculative) else 100.0
         if isinstance(strategy, SelfSpeculative):
-            assert strategy.auto and strategy.k_max == 16
+            assert strategy.auto and strategy.k_max == 8
         return SimpleNamespace(tokens_per_second=tps, tokens_per_forward_mean=1.4)
 
     monkeypatch.setattr(evaluate, "run_eval", fake_run)
@@ -701,10 +701,10 @@ def test_lossless_mode_is_chosen_only_when_measured_faster(monkeypatch, selfspec
                   "setting": {"tokens_per_second": confadapt_tps}, "reason": "certified"}
     chosen, row, k1 = _lossless_choice(None, [{}], choice, None, [4, 8], {})
     assert chosen["strategy"] == expected
-    assert row["k_max"] == "auto:16" and row["speedup_vs_k1"] == pytest.approx(selfspec_tps / 100.0)
+    assert row["k_max"] == "auto:8" and row["speedup_vs_k1"] == pytest.approx(selfspec_tps / 100.0)
     assert k1.tokens_per_second == 100.0
     if expected == "selfspec":
-        assert chosen["k_max"] == "auto:16" and chosen["tau"] is None and chosen["certified"]
+        assert chosen["k_max"] == "auto:8" and chosen["tau"] is None and chosen["certified"]
 
 
 def test_tuner_writes_a_lossless_choice(tiny_model_dir, tmp_path):
