@@ -14,9 +14,9 @@ Four stages, each with a progress bar, each inside a share of the time budget:
 3. **tune** tau and k_max on other held-out questions, without their gold answers: the fastest ConfAdapt setting
    whose agreement with k=1's final answers is certified by Learn-then-Test at level delta and whose wall-clock
    speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), or the lossless self-speculative mode when it
-   is measured faster still, else plain decoding; written into the model's generation config. The whole grid is evaluated from one greedy pass (replay; only questions where a
-   setting leaves greedy are decoded with it). SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate
-   would be vacuous here; agreement with k=1 is what the speed trades away;
+   is measured faster still, else plain decoding; written into the model's generation config. The whole grid is
+   evaluated from one greedy pass (replay; only questions where a setting leaves greedy are decoded with it).
+   SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
    tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
    lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
@@ -307,7 +307,7 @@ def main(argv: list[str]) -> int:
         print(f"== 1/4 distilling the default model for ~{plan.train_seconds / 60:.1f} min "
               f"(recipe {DEMO_RECIPE.name}) ==", flush=True)
         distil(plan, train_file, train_dir)
-        if (train_dir / "adapter_config.json").is_file():  # LoRA: merged into a plain checkpoint, as `mtp export` does
+        if (train_dir / "adapter_config.json").is_file():  # LoRA: exported (a mask-only adapter kept beside the base)
             from distill.export import export_model
 
             export_model(train_dir, model_dir, k_max=_recipe_k_max())

@@ -7,7 +7,8 @@ multiplied by a gate g_t = [input token t is `<MTP>`]:
     y_t = W x_t + g_t · (α/r) B A x_t
 
 so every real token's hidden states, keys/values and next-token logits are the base model's, bit for bit; only the mask
-positions (and the trainable `<MTP>` embedding row) carry the adaptation. Consequences, by construction:
+positions carry the adaptation (the `<MTP>` embedding row stays as initialised: with a tied head a trained row would
+change every position's `<MTP>` logit). Consequences, by construction:
   * static k=1 of the distilled model *is* the base model's greedy decoding; ConfAdapt's first token of every span is
     the base model's next token; self-speculative decoding verifies against the base model itself (lossless with
     respect to the model the user started from);
@@ -38,6 +39,13 @@ MARKER_FILE = "mtp_adapter.json"  # beside adapter_config.json: this adapter act
 EXPORT_SUBDIR = "mtp_adapter"  # inside an exported checkpoint: the mask-only adapter, kept unmerged
 
 
+def _require_input_ids(args, kwargs) -> None:
+    """The model's forward pre-hook: the gate is read from token ids, so a forward must carry them."""
+    if kwargs.get("input_ids") is None and not (args and isinstance(args[0], torch.Tensor)):
+        raise UserError("a mask-only adapter needs input_ids (it gates the adapter by token); inputs_embeds "
+                        "alone cannot be gated")
+
+
 class MaskGate:
     """Gates every peft LoRA layer of `model` to `<MTP>` positions: the training form (peft trains and saves the
     adapter; `attach_mask_adapter` is the lighter decoding form of the saved adapter)."""
@@ -59,9 +67,7 @@ class MaskGate:
                 self._handles.append(lora_a.register_forward_pre_hook(self._apply))
 
     def _start(self, module, args, kwargs):
-        if kwargs.get("input_ids") is None and not (args and isinstance(args[0], torch.Tensor)):
-            raise UserError("a mask-only adapter needs input_ids (it gates the adapter by token); inputs_embeds "
-                            "alone cannot be gated")
+        _require_input_ids(args, kwargs)
         self.gate = None  # set by the embedding's hook of this forward
 
     def _read_ids(self, module, args):
@@ -134,13 +140,10 @@ class GatedLoRALinear(torch.nn.Module):
     def weight(self):  # code that inspects a linear layer's weight (dtype, device) sees the base's
         return self.base.weight
 
-    def forward(self, x):
-        y = self.base(x)
-        gate = self.state.gate
-        if gate is None:
-            return y
-        return y + torch.nn.functional.linear(torch.nn.functional.linear(x * gate.to(x.dtype), self.lora_a),
-                                              self.lora_b)
+    def forward(self, x):  # only installed while the forward carries <MTP>, so the gate is set
+        gate = self.state.gate.to(x.dtype)
+        return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x * gate, self.lora_a),
+                                                         self.lora_b)
 
 
 class InferenceGate:
@@ -166,10 +169,8 @@ class InferenceGate:
         self.installed = gated
 
     def _start(self, module, args, kwargs):
-        if kwargs.get("input_ids") is None and not (args and isinstance(args[0], torch.Tensor)):
-            raise UserError("a mask-only adapter needs input_ids (it gates the adapter by token); inputs_embeds "
-                            "alone cannot be gated")
-        self.gate = None
+        _require_input_ids(args, kwargs)
+        self.gate = None  # set by the embedding's hook of this forward
 
     def _read_ids(self, module, args):
         is_mask = args[0] == self.mask_token_id

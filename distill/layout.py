@@ -88,18 +88,19 @@ class StepSampler:
         self.seq_len, self.num_regions = int(seq_len), int(num_regions)
         self.random_offsets = bool(random_offsets)
 
-    def _rng(self, step: int, stream: int) -> np.random.Generator:
+    def rng(self, step: int, stream: int) -> np.random.Generator:
+        """The generator of one (step, stream): 0 draws k, 1 the offset, 2 the prefix_cache problem positions."""
         # spawn_key makes (rank, step, stream) children of the run's seed: statistically independent streams.
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank, step, stream)))
 
     def __call__(self, step: int) -> tuple[int, int]:
         if step < 0:
             raise UserError(f"step must be >= 0, got {step}")
-        k = int(self._rng(step, 0).integers(self.k_min, self.k_max + 1))
+        k = int(self.rng(step, 0).integers(self.k_min, self.k_max + 1))
         if not self.random_offsets:
             return k, 0
         prefix = prefix_len(self.seq_len, self.num_regions, k)  # P is recomputed for this k before the offset draw
-        return k, int(self._rng(step, 1).integers(0, prefix))
+        return k, int(self.rng(step, 1).integers(0, prefix))
 
 
 @dataclass

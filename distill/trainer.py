@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -348,7 +349,8 @@ class MTPDistillTrainer(Trainer):
                 self.teacher = Teacher(teacher_kind, self._prepare_teacher(teacher_module),
                                        replace_token_id=self.pad_token_id,
                                        vocab_size=min(teacher_rows, self._student_rows))
-        # prefix_cache draws k only (its problems are placed by _cached_prefix_loss), so the region grid is moot.
+        # prefix_cache draws k here (its problem positions come from stream 2, in _cached_prefix_logits), so the
+        # region grid is moot.
         regions, offsets = (1, False) if args.prefix_cache else (args.num_regions, args.random_offsets)
         self.sampler = StepSampler(args.seed, args.k_min, args.k_max, args.seq_len, regions,
                                    rank=args.process_index, random_offsets=offsets)
@@ -538,15 +540,15 @@ class MTPDistillTrainer(Trainer):
         batch, device = source.shape[0], source.device
         n = args.num_regions
         masks = k - 1
-        gen = torch.Generator().manual_seed(hash((args.seed, args.process_index, step, mode == "eval")) % (2 ** 63))
+        rng = (self.sampler if mode == "train" else self.eval_sampler).rng(step, 2)  # resumes draw the same
         ends, valid = torch.zeros(batch, n, dtype=torch.long), torch.zeros(batch, n, dtype=torch.bool)
         for b in range(batch):
             lo = max(int(prompts[b]) - 1, 0) if prompts is not None else 0
             hi = int(lengths[b]) - 1 - k  # the last target, p + k, must be a real token of the row
             if hi < lo:
                 continue
-            choice = torch.randperm(hi - lo + 1, generator=gen)[:n] + lo
-            ends[b, : len(choice)], valid[b, : len(choice)] = choice.sort().values, True
+            choice = np.sort(rng.choice(hi - lo + 1, size=min(n, hi - lo + 1), replace=False)) + lo
+            ends[b, : len(choice)], valid[b, : len(choice)] = torch.from_numpy(choice), True
         ends, valid = ends.to(device), valid.to(device)
 
         unwrapped = self.accelerator.unwrap_model(model)
