@@ -16,7 +16,8 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), or the lossless self-speculative mode when it
    is measured faster still, else plain decoding; written into the model's generation config. The whole grid is
    evaluated from one greedy pass (replay; only questions where a setting leaves greedy are decoded with it).
-   SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is what the speed trades away;
+   SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is
+   what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
    tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
    lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
