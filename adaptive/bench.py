@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaptive.cli import read_jsonl
+from adaptive.prompts import read_jsonl
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL
 
@@ -172,7 +172,7 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
     """Measure every mode at every concurrency; one dict per (concurrency, mode), ratios taken at the same
     concurrency. `scorer`: ConfAdapt's confidence (the model's calibrator, so tau means what `mtp tune` certified).
     `prompt_lookup`: also run HF prompt-lookup decoding (row by row)."""
-    from adaptive.cli import stop_ids
+    from adaptive.loading import stop_ids
     from adaptive.decoder import MTPDecoder
     from adaptive.metrics import acceptance_metrics, is_speculative
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
@@ -332,7 +332,7 @@ def _device(name: str) -> torch.device:
 
 
 def main(argv: list[str]) -> int:
-    from adaptive.cli import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
+    from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
     from adaptive.strategies import ConfAdapt, parse_k_max
 
     parser = _Parser(prog="mtp bench-decode",

@@ -631,7 +631,8 @@ def main(argv: list[str]) -> int:
     half is scored on the other (the printed table, the reliability diagram and the `metrics` of the JSON). The saved
     calibrator is then refit on all prompts (same method, twice the data); its per-position parameters are printed.
     """
-    from adaptive.cli import DTYPES, GSM8K_LOCAL, _Parser
+    from adaptive.loading import DTYPES, GSM8K_LOCAL
+    from mtp_cli.args import Parser as _Parser
 
     parser = _Parser(prog="mtp calibrate", description="Fit per-position confidence calibration for ConfAdapt on "
                      "self-speculative rollouts (labels: draft == the model's own greedy token); saved beside the "
@@ -669,7 +670,7 @@ def main(argv: list[str]) -> int:
 
     check_output_dir(output, "--output")  # before the decoding, not after it
 
-    from adaptive.cli import load_mtp_model, mtp_defaults, stop_ids
+    from adaptive.loading import load_mtp_model, mtp_defaults, stop_ids
     from adaptive.decoder import MTPDecoder
 
     from adaptive.strategies import parse_k_max

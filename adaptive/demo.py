@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptive.cli import GSM8K_LOCAL, REPO, _Parser, load_mtp_model, stop_ids
+from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model, stop_ids
+from mtp_cli.args import Parser as _Parser
 from distill.errors import UserError
 from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
 
@@ -135,7 +136,7 @@ def _has_model(model_dir: Path) -> bool:
 
 def _self_data(ds, n_train: int) -> Path:
     """SELF_DATA, checked to answer the head of the dataset only: its questions are the first rows, none held out."""
-    from adaptive.cli import read_jsonl
+    from adaptive.prompts import read_jsonl
 
     if not SELF_DATA.is_file():
         raise UserError(f"{SELF_DATA} is missing; restore it from the repository, or use --train-data dataset")

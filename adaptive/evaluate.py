@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from adaptive.cli import DTYPES, GSM8K_LOCAL, _Parser, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults, stop_ids
+from mtp_cli.args import Parser as _Parser
 from distill.errors import UserError
 
 PROMPT_FORMATS = ("cot8", "chat")

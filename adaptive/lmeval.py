@@ -37,7 +37,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from adaptive.cli import DTYPES, build_strategy, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder
 from adaptive.metrics import acceptance_metrics, is_speculative
 from adaptive.strategies import ConfAdapt

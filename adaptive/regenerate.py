@@ -459,7 +459,7 @@ def regenerate_for_training(config, model_name: str, dtype: str, world_size: int
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` line, exit 2 (distill/cli.py)
+    def error(self, message):  # one `error: ...` line, exit 2 (mtp_cli/main.py)
         raise UserError(message)
 
 

@@ -214,3 +214,22 @@ def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, 
             raise UserError("strategy confadapt needs tau (confidence threshold in (0, 1])")
         return ConfAdapt(tau, span if span is not None else DEFAULT_K_MAX, scorer=scorer)
     return SelfSpeculative(span if span is not None else DEFAULT_K_MAX)
+
+
+def build_strategy(defaults: dict, name: str | None, *, k: int | None, tau: float | None, k_max: int | None,
+                   scorer=None):
+    """Command-line values override the model's defaults; make_strategy validates them (UserError). `scorer`:
+    ConfAdapt's confidence (a fitted calibrator), ignored by the other strategies."""
+    name = name or defaults["strategy"]
+    if name == "static":
+        if k is None and k_max is None:
+            if defaults["strategy"] != "static":
+                raise UserError("--strategy static needs --k (tokens per forward pass)")
+            k = defaults["k_max"]
+        return make_strategy(name, k=k, k_max=k_max)
+    if k is None and k_max is None:
+        k_max = defaults["k_max"]
+    tau = defaults["tau"] if tau is None else tau
+    if name == "confadapt":
+        return make_strategy(name, k=k, k_max=k_max, tau=tau, scorer=scorer)
+    return make_strategy(name, k=k, k_max=k_max)

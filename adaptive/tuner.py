@@ -79,7 +79,7 @@ sequence has failed a test, its remaining taus can never be certified and are no
 --sweep rollout decodes every setting on every question (the slower path, kept for comparison).
 
 Data. By default the calibration problems are the last --n rows of the local GSM8K *train* file
-(adaptive.cli.GSM8K_LOCAL), disjoint from `mtp evaluate`'s *test* split; --start picks other rows. --prompts reads
+(adaptive.loading.GSM8K_LOCAL), disjoint from `mtp evaluate`'s *test* split; --start picks other rows. --prompts reads
 unlabelled prompts (agreement target only), the first --n of the file.
 
 Outputs, in --report-dir (default DIR/tune), each written atomically: report.json (k=1's speed on the full set and on
@@ -679,7 +679,7 @@ def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | N
     atomically: confadapt with its tau and k_max, static with k_max 1 (plain decoding), or selfspec.
 
     The same extra attributes `mtp export` writes (distill.export.mtp_generation_config) and `mtp generate` reads
-    (adaptive.cli.mtp_defaults); every other field of the file is kept.
+    (adaptive.loading.mtp_defaults); every other field of the file is kept.
     """
     from adaptive.strategies import make_strategy
 
@@ -844,7 +844,7 @@ def _check_args(args) -> tuple[list[float], list[int]]:
 def load_prompts(path, n: int | None = None) -> list[dict]:
     """Unlabelled problems from a JSON-lines file: one object per line with a string "prompt" or "question" field
     (blank lines skipped); the first n. UserError for a missing file, a bad line or a file without prompts."""
-    from adaptive.cli import read_jsonl
+    from adaptive.prompts import read_jsonl
 
     problems = []
     for lineno, row in read_jsonl(path, "--prompts file"):
@@ -885,7 +885,8 @@ def _reference_fields(report, labelled: bool) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from adaptive.cli import DTYPES, GSM8K_LOCAL, _Parser
+    from adaptive.loading import DTYPES, GSM8K_LOCAL
+    from mtp_cli.args import Parser as _Parser
 
     parser = _Parser(prog="mtp tune", description="Choose ConfAdapt's tau and k_max for a target (accuracy drop "
                      "versus k=1 on labelled problems, or agreement with k=1 on any prompts), certified by "
@@ -966,7 +967,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
 
     from adaptive.calibration import load_calibrator
-    from adaptive.cli import load_mtp_model, stop_ids
+    from adaptive.loading import load_mtp_model, stop_ids
     from adaptive.decoder import MTPDecoder
     from distill.models import resolve_model_path
 

@@ -395,6 +395,6 @@ def _measure(args, argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from distill.cli import main as mtp_main
+    from mtp_cli.main import main as mtp_main
 
     sys.exit(mtp_main(["bench-train", *sys.argv[1:]]))

@@ -343,7 +343,7 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` line, exit 2 (distill/cli.py), instead of argparse's usage dump
+    def error(self, message):  # one `error: ...` line, exit 2 (mtp_cli/main.py), instead of argparse's usage dump
         raise UserError(message)
 
 

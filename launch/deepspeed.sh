@@ -34,4 +34,4 @@ export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 # --no_local_rank: `mtp` takes a subcommand first, so the launcher must not prepend --local_rank (LOCAL_RANK is set
 # in the environment instead, which TrainingArguments reads).
 exec deepspeed "${HOST_ARGS[@]}" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
-    --module distill.cli train --config "$RECIPE" --deepspeed "$DS_CONFIG" "$@"
+    --module mtp_cli train --config "$RECIPE" --deepspeed "$DS_CONFIG" "$@"

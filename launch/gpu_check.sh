@@ -67,14 +67,14 @@ run_step pytest_gpu 270 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test
 grep -E "passed|failed|skipped|error" "$out/pytest_gpu.out" | tail -n 3 >> "$summary"
 
 # 2. bf16 training step time, MTP vs SFT
-if run_step bench_train_bf16 90 "$py" -m distill.cli bench-train --bf16 --skip-memory --steps 8 --json; then
+if run_step bench_train_bf16 90 "$py" -m mtp_cli bench-train --bf16 --skip-memory --steps 8 --json; then
   cp "$out/bench_train_bf16.out" "$out/bench_train_bf16.json"
   "$py" -c 'import json,sys; t=json.load(open(sys.argv[1]))["step_time"]; print("bench-train bf16: MTP/SFT step time", t)' \
     "$out/bench_train_bf16.json" >> "$summary" 2>&1
 fi
 
 # 3. the decoding sweep at concurrency 1 and 16 on CUDA
-if run_step bench_decode_c1_16 120 "$py" -m distill.cli bench-decode --concurrency 1,16 --json \
+if run_step bench_decode_c1_16 120 "$py" -m mtp_cli bench-decode --concurrency 1,16 --json \
     --plot "$out/bench_decode_c1_16.png"; then
   cp "$out/bench_decode_c1_16.out" "$out/bench_decode_c1_16.json"
   "$py" - "$out/bench_decode_c1_16.json" >> "$summary" 2>&1 <<'PY'

@@ -111,7 +111,7 @@ if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then
     TRAIN_ARGS+=(--resume_from_checkpoint auto)
 fi
 
-printf -v TRAIN '%q ' -m distill.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
+printf -v TRAIN '%q ' -m mtp_cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
 
 # Crash on NCCL errors (a hung collective) instead of waiting for the timeout, so the job ends and can be requeued.
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1

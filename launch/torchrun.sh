@@ -36,4 +36,4 @@ fi
 # Fail fast on a hung collective instead of waiting for the NCCL timeout.
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
-exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m distill.cli train --config "$RECIPE" "$@"
+exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m mtp_cli train --config "$RECIPE" "$@"

@@ -1,7 +1,7 @@
 """Bad input to every `mtp` command is one `error: ...` line, exit status 2, and nothing on disk changes.
 
 One table (`CASES`): each row builds its inputs in a fresh directory (the working directory of the run), runs
-`distill.cli.main(argv)` in-process, and checks the contract of the README: exit status 2, exactly one `error:` line on
+`mtp_cli.main.main(argv)` in-process, and checks the contract of the README: exit status 2, exactly one `error:` line on
 stderr, carrying the expected fragment, no traceback (an exception escaping `main` fails the test), and a hash of the
 case's directory and of every input directory taken before equals the one taken after (nothing written, nothing
 deleted, no empty directory left behind). Inputs use the tiny random model of conftest.py.
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -306,7 +306,7 @@ def ctx(tmp_path, tiny_model_dir, gsm8k_rows, monkeypatch) -> Ctx:
 
 
 def test_every_command_has_rows():
-    from distill.cli import COMMANDS
+    from mtp_cli.main import COMMANDS
 
     missing = [name for name in COMMANDS if not any(case[0].startswith(f"{name}-") for case in CASES)]
     assert not missing
@@ -462,7 +462,7 @@ def test_secrets_never_reach_a_file_the_run_writes(ctx, capsys, monkeypatch):
     # records the process's real command line, which holds the token.
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", *argv], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "mtp_cli", *argv], capture_output=True, text=True, timeout=600)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-2000:]
     assert (run / "checkpoint-1" / "training_args.bin").is_file() and (run / "training_args.bin").is_file()
@@ -486,7 +486,7 @@ def test_console_script_prints_one_line_and_no_wandb_banner(tmp_path):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--config", str(tmp_path / "nope.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "mtp_cli", "train", "--config", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr.strip().splitlines() == [f"error: config file {tmp_path / 'nope.yaml'} not found"]
@@ -540,7 +540,7 @@ def test_tool_markers_name_their_command(tmp_path):
 
 def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
     """The checks that name a bad line split on "\\n" only: U+2028 / U+0085 inside a string are valid JSON lines."""
-    from adaptive.cli import read_prompts
+    from adaptive.prompts import read_prompts
     from distill.data import load_examples
 
     rows = [{"question": "a\u2028b", "answer": "c\x85d"}, {"question": "e", "answer": "f\u2029g"}]

@@ -10,7 +10,7 @@ import pytest
 
 from adaptive.bench import (COLLAPSE_ANCHORS, format_sweep, format_table, held_out_questions, parse_concurrency,
                             prompt_count)
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
 
 

@@ -30,7 +30,7 @@ from adaptive.calibration import (
 )
 from adaptive.decoder import MTPDecoder
 from adaptive.strategies import ConfAdapt, Static, top1_probability
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
 
 TRUE_T = {2: 0.6, 3: 1.7}  # known miscalibration: under-confident at j = 2, over-confident at j = 3
@@ -430,7 +430,7 @@ def test_ece_drops_on_trained_smollm2(trained_smollm2_dir, gsm8k_path):
     questions, so a held-out half of a dozen prompts is mostly luck of the draw (measured: with 12 prompts the ECE fell
     in only ~60% of random halves). 48 questions x 48 new tokens (~6k drafts, under a minute on 2 cores) made the drop
     hold in 30 of 30 random halves; five of them are checked here."""
-    from adaptive.cli import load_mtp_model, stop_ids
+    from adaptive.loading import load_mtp_model, stop_ids
     from distill.data import load_examples
 
     ds = load_examples(str(gsm8k_path))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 
 
 def test_demo_never_touches_a_foreign_directory(tmp_path, capsys):

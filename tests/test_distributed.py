@@ -42,7 +42,7 @@ def train_args(model: str, data: str, out: Path, per_device: int, *extra: str) -
 PREEMPT_RANK_1 = '''
 import os, signal, sys
 from distill.trainer import MTPDistillTrainer
-from distill.cli import main
+from mtp_cli.main import main
 
 at = int(sys.argv[1])
 real_step = MTPDistillTrainer.training_step
@@ -57,10 +57,10 @@ sys.exit(main(["train", *sys.argv[2:]]))
 
 
 def torchrun(argv: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m distill.cli train ARGV` (or `SCRIPT ARGV`) on CPU."""
+    """`torchrun --nproc_per_node 2 -m mtp_cli train ARGV` (or `SCRIPT ARGV`) on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO)}
-    target = [str(script)] if script else ["-m", "distill.cli", "train"]
+    target = [str(script)] if script else ["-m", "mtp_cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target, *argv]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 

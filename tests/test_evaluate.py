@@ -19,7 +19,7 @@ from adaptive.decoder import MTPDecoder
 from adaptive.evaluate import (COT_SUFFIX, STOP_STRINGS, build_prompt, extract_answer, gold_answer,
                                load_problems, normalize_number, parse_strategies, run_eval)
 from adaptive.strategies import SelfSpeculative, Static
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
 from distill.models import load_model, load_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
 from distill.export import export_model
 from distill.files import CREATED_MARKER
@@ -114,7 +114,7 @@ def test_lora_adapter_round_trip(base_without_mtp, tmp_path, save_embedding_laye
     assert isinstance(peft_model, PeftModel)
 
     # The decoding commands load the adapter directory itself the same way (merged onto the rebuilt base).
-    from adaptive.cli import load_mtp_model
+    from adaptive.loading import load_mtp_model
 
     direct, direct_tok = load_mtp_model(str(adapter_dir))
     assert direct.config.mtp_mask_token_id == mask_id

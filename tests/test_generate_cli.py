@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from adaptive.chunkview import ANSI_BACKGROUNDS, chunk_pieces, render_terminal
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.export import export_model
 from distill.models import load_model, load_tokenizer
 
@@ -188,7 +188,7 @@ def test_bad_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, extra, me
 
 def test_exit_code_from_the_console_script(tmp_path):
     """The real process: exit status 2 and a single stderr line for bad input."""
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "generate", "--batch-file", str(tmp_path / "nope.jsonl")],
+    proc = subprocess.run([sys.executable, "-m", "mtp_cli", "generate", "--batch-file", str(tmp_path / "nope.jsonl")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: batch file {tmp_path / 'nope.jsonl'} does not exist"]

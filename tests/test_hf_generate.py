@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from adaptive import hf_generate
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from distill.export import export_model
 from tests.conftest import BOOST, rigged_tiny_model
 

@@ -118,7 +118,7 @@ def test_torchrun_launcher_command(fake_tools):
     done = subprocess.run(["launch/torchrun.sh", "4", recipe, "--deepspeed", "launch/ds_zero2.json"], cwd=REPO, env=env)
     assert done.returncode == 0
     call = _calls(log)["torchrun"]
-    assert call.startswith("--standalone --nproc_per_node 4 -m distill.cli train --config " + recipe)
+    assert call.startswith("--standalone --nproc_per_node 4 -m mtp_cli train --config " + recipe)
     assert "--deepspeed launch/ds_zero2.json" in call and call.endswith("NCCL_ASYNC_ERROR_HANDLING=1")
     assert (REPO / recipe).is_file()
 
@@ -136,7 +136,7 @@ def test_deepspeed_launcher_command(fake_tools):
     assert subprocess.run(["launch/deepspeed.sh", "8", recipe, "--max_steps", "10"], cwd=REPO, env=env).returncode == 0
     call = _calls(log)["deepspeed"]
     # --no_local_rank: `mtp` takes its subcommand first, so nothing may be prepended to its arguments.
-    assert call.startswith("--hostfile hosts.txt --num_gpus 8 --master_port 29500 --no_local_rank --module distill.cli "
+    assert call.startswith("--hostfile hosts.txt --num_gpus 8 --master_port 29500 --no_local_rank --module mtp_cli "
                            f"train --config {recipe} --deepspeed launch/ds_zero3.json --max_steps 10")
 
 
@@ -155,7 +155,7 @@ def test_slurm_launcher_command(fake_tools):
     for part in ("launch --config_file launch/zero3.yaml", "--num_machines 2", "--num_processes 8",
                  "--main_process_ip node-a", "--main_process_port 6000",
                  "--machine_rank 1",  # expanded inside the srun task, i.e. per node
-                 f"-m distill.cli train --config {recipe} --per_device_train_batch_size 16 --run_name two words |",
+                 f"-m mtp_cli train --config {recipe} --per_device_train_batch_size 16 --run_name two words |",
                  "NCCL_ASYNC_ERROR_HANDLING=1"):
         assert part in launch, part
     assert "--resume" not in launch  # a first start never resumes: an earlier run in output_dir stays an error
@@ -172,7 +172,7 @@ def test_slurm_requeued_job_resumes_with_torchrun_rendezvous(fake_tools):
     assert done.returncode == 0, done.stderr
     call = _calls(log)["torchrun"]
     assert call.startswith("--nnodes 2 --nproc_per_node 8 --rdzv_id 42 --rdzv_backend c10d --rdzv_endpoint "
-                           "node-a:29555 -m distill.cli train --config recipes/llama31-8b-magpie.yaml "
+                           "node-a:29555 -m mtp_cli train --config recipes/llama31-8b-magpie.yaml "
                            "--deepspeed launch/ds_zero3_offload.json --resume_from_checkpoint auto")
 
 

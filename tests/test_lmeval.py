@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from adaptive.cli import stop_ids
+from adaptive.loading import stop_ids
 from adaptive.decoder import MTPDecoder
 from adaptive.lmeval import MTPLM, main as lmeval_main
 from adaptive.strategies import Static

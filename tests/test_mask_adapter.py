@@ -77,7 +77,7 @@ def test_real_tokens_run_the_base_weights_masks_are_trained(trained, tiny_model_
 
 
 def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
-    from adaptive.cli import load_mtp_model
+    from adaptive.loading import load_mtp_model
 
     trainer, checkpoint = trained
     record = json.loads((checkpoint / "mtp_adapter.json").read_text())
@@ -98,7 +98,7 @@ def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
 def test_plain_decoding_is_the_base_models_greedy(trained, tiny_model_dir):
     """Oracle: static k=1 and self-speculative of the distilled model = HF greedy of the base, token for token;
     ConfAdapt's first token of every span is the base model's next token."""
-    from adaptive.cli import load_mtp_model
+    from adaptive.loading import load_mtp_model
     from adaptive.decoder import MTPDecoder
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
@@ -123,7 +123,7 @@ def test_plain_decoding_is_the_base_models_greedy(trained, tiny_model_dir):
 def test_export_keeps_the_adapter_beside_the_base(trained, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from adaptive.cli import load_mtp_model
+    from adaptive.loading import load_mtp_model
     from distill.export import export_model
 
     trainer, checkpoint = trained
@@ -180,7 +180,7 @@ def test_hf_generate_attaches_the_exported_adapter(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import adaptive.hf_generate as hf_generate
-    from adaptive.cli import load_mtp_model
+    from adaptive.loading import load_mtp_model
     from adaptive.decoder import MTPDecoder
     from adaptive.strategies import ConfAdapt
     from distill.adapters import mask_gate_of

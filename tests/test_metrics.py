@@ -11,7 +11,7 @@ import pytest
 from adaptive.decoder import MTPDecoder
 from adaptive.metrics import acceptance_metrics
 from adaptive.strategies import ConfAdapt, SelfSpeculative
-from distill.cli import main as mtp_main
+from mtp_cli.main import main as mtp_main
 from tests.conftest import rigged_tiny_model
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill import trainer_cli
-from distill.cli import main as mtp
+from mtp_cli.main import main as mtp
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ DRIVER = '''
 import os, signal, sys
 import torch
 from distill.trainer import MTPDistillTrainer
-from distill.cli import main
+from mtp_cli.main import main
 
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == "kill-mid-save":  # SIGKILL once the weights of checkpoint-AT are written, before its optimizer state

@@ -98,7 +98,7 @@ def test_cli_flags_override_the_recipe_and_env_is_exported(tmp_path):
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, capsys, recipe_text, flags, message):
-    from distill.cli import main as mtp
+    from mtp_cli.main import main as mtp
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(recipe_text)
@@ -264,7 +264,7 @@ def test_bench_train_rejects_bad_flags():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine --bf16 is valid (launch/gpu_check.sh runs it)")
 def test_bench_train_bf16_needs_cuda(capsys):
-    from distill.cli import main as mtp_main
+    from mtp_cli.main import main as mtp_main
 
     assert mtp_main(["bench-train", "--bf16", "--skip-memory"]) == 2
     err = capsys.readouterr().err

@@ -459,7 +459,7 @@ def _model_copy(tiny_model_dir, tmp_path) -> Path:
 
 
 def test_write_decoding_defaults_round_trip(tiny_model_dir, tmp_path):
-    from adaptive.cli import mtp_defaults
+    from adaptive.loading import mtp_defaults
 
     model = _model_copy(tiny_model_dir, tmp_path)
     before = json.loads((model / "generation_config.json").read_text())
@@ -517,7 +517,7 @@ def test_write_decoding_defaults_leaves_the_file_alone_on_error(tiny_model_dir, 
     (["--target-agreement", "0.95", "--prompts", "MISSING"], "does not exist"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, flags, message):
-    from distill.cli import main
+    from mtp_cli.main import main
 
     model = _model_copy(tiny_model_dir, tmp_path)
     files = {"PROMPTS": tmp_path / "prompts.jsonl", "EMPTY": tmp_path / "empty.jsonl",
@@ -535,7 +535,7 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_pa
 
 
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
-    from distill.cli import main
+    from mtp_cli.main import main
 
     assert main(["tune", "--model", str(tmp_path / "nope"), "--target-drop", "0.02"]) == 2
     err = capsys.readouterr().err
@@ -576,8 +576,8 @@ def _never_slower(report) -> None:
 
 
 def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys, one_torch_thread):
-    from adaptive.cli import mtp_defaults
-    from distill.cli import main
+    from adaptive.loading import mtp_defaults
+    from mtp_cli.main import main
 
     model = _model_copy(tiny_model_dir, tmp_path)
     common = ["tune", "--model", str(model), "--dataset", str(_problems_file(tmp_path)), "--n", "4",
@@ -631,8 +631,8 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
 
 def test_mtp_tune_target_agreement_on_unlabelled_prompts(tiny_model_dir, tmp_path, capsys, one_torch_thread):
     """--target-agreement with --prompts: no gold answers; the certificate is about agreeing with k=1."""
-    from adaptive.cli import mtp_defaults
-    from distill.cli import main
+    from adaptive.loading import mtp_defaults
+    from mtp_cli.main import main
 
     model = _model_copy(tiny_model_dir, tmp_path)
     prompts = tmp_path / "traffic.jsonl"

@@ -11,7 +11,7 @@
     mtp demo [--minutes 20]                                         distil, calibrate, tune and evaluate the default model
     mtp regenerate --model M --dataset D --output F.jsonl           the model's own greedy answers, for `mtp train`
 
-Subcommand modules are imported lazily so `mtp --help` stays fast. A `UserError` anywhere becomes one
+`python -m mtp_cli ...` runs the same. Subcommand modules are imported lazily so `mtp --help` stays fast. A `UserError` anywhere becomes one
 `error: ...` line on stderr and exit status 2; nothing else is printed.
 """
 
@@ -28,7 +28,7 @@ COMMANDS = {
     "train": ("distill.trainer_cli", "main", "distill an MTP model from a YAML recipe"),
     "bench-train": ("distill.bench", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
     "export": ("distill.export", "main", "merge LoRA and save a plain safetensors HF directory"),
-    "generate": ("adaptive.cli", "generate_main", "generate with static / confadapt / selfspec decoding"),
+    "generate": ("mtp_cli.generate", "main", "generate with static / confadapt / selfspec decoding"),
     "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup, "
                      "at each concurrency"),
     "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
@@ -81,6 +81,3 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from mtp_cli.main import main
+
+sys.exit(main())
