@@ -185,18 +185,19 @@ def _demo_callbacks(seconds: float) -> list:
 
 
 def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
-    from distill import trainer_cli
+    from distill import run
+    from distill.recipe import load_recipe
 
     # The step count is a ceiling (about one step per second); the time budget usually stops training first.
     max_steps = max(2, math.ceil(plan.train_seconds))
-    trainer_cli.main(
-        ["--config", str(DEMO_RECIPE), "--max_steps", str(max_steps), "--output_dir", str(model_dir),
-         "--dataset_name", str(train_file.resolve()), "--save_strategy", "no", "--report_to", "none",
-         "--logging_steps", str(plan.logging_steps), "--eval_fraction", "0"],
-        callbacks=_demo_callbacks(plan.train_seconds),
-    )
+    script_args, config, model_args = load_recipe(
+        DEMO_RECIPE, max_steps=max_steps, output_dir=model_dir, dataset_name=train_file.resolve(), save_strategy="no",
+        report_to="none", logging_steps=plan.logging_steps, eval_fraction=0)
+    prepared = run.prepare(config)
+    run.train(config, model_args, prepared, trust_remote_code=script_args.trust_remote_code,
+              callbacks=_demo_callbacks(plan.train_seconds))
     if not _has_model(model_dir):  # SIGTERM: a checkpoint was saved, the model was not
-        raise UserError(f"training stopped before the model was saved (SIGTERM?); nothing after it ran. Re-run "
+        raise UserError("training stopped before the model was saved (SIGTERM?); nothing after it ran. Re-run "
                         "`mtp demo` to start again")
 
 

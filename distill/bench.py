@@ -20,8 +20,6 @@ minus the RSS before the model was loaded — so both include weights, optimizer
 figure does.
 """
 
-import argparse
-import contextlib
 import json
 import os
 import re
@@ -38,49 +36,10 @@ MEMORY_GOAL = 1.10
 DEFAULT_DATASET = "data/gsm8k/train.jsonl"
 
 
-def _parser() -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one `error: ...` line from the `mtp` dispatcher, exit 2
-            raise UserError(message)
-
-    p = Parser(prog="mtp bench-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="alias, local HF directory or hub id (default: %(default)s)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="rows to train on (default: GSM8K train)")
-    p.add_argument("--steps", type=int, default=10, help="measured steps per side (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per step (default: %(default)s)")
-    # CPU-sized packing as in recipes/smollm2-cpu-full.yaml; the paper's is --seq-len 160 --num-regions 5 --k-max 16.
-    p.add_argument("--seq-len", type=int, default=96, help="packed MTP row length S (default: %(default)s)")
-    p.add_argument("--num-regions", type=int, default=3, help="MTP problems per row M (default: %(default)s)")
-    p.add_argument("--k-min", type=int, default=2, help="(default: %(default)s)")
-    p.add_argument("--k-max", type=int, default=8, help="(default: %(default)s)")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the memory comparison (default: %(default)s)")
-    p.add_argument("--skip-time", action="store_true", help="only the LoRA memory comparison")
-    p.add_argument("--skip-memory", action="store_true", help="only the full fine-tune step-time comparison")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (CUDA; default fp32)")
-    p.add_argument("--worker", choices=["sft-lora", "mtp-lora"], help=argparse.SUPPRESS)  # one memory side
-    return p
-
-
-def _check(args) -> None:
-    for name in ("steps", "batch_size", "lora_r"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 1:
-        # The first step allocates the AdamW states and builds caches; it must not count in time or memory.
-        raise UserError("--warmup must be >= 1")
-    if args.skip_time and args.skip_memory:
-        raise UserError("nothing to measure: --skip-time and --skip-memory together")
-    if args.bf16 and _device().type != "cuda":
-        raise UserError("--bf16 needs a CUDA device (the CPU comparison runs in fp32)")
-    _raw_length(args)  # k_max must fit a region
-
-
 # --------------------------------------------------------------------------------------------------- building blocks
 
 
-def _device():
+def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +48,7 @@ def _device():
 def _rows(args, tokenizer, raw_length: int) -> list[list[int]]:
     """(warmup + steps) * batch tokenized rows, in file order; fewer rows than that is an error, not a silent reuse."""
     from distill.data import format_and_tokenize, load_examples
-    from distill.trainer_cli import resolve_dataset
+    from distill.run import resolve_dataset
 
     needed = (args.warmup + args.steps) * args.batch_size
     examples = load_examples(resolve_dataset(args.dataset))
@@ -101,7 +60,7 @@ def _rows(args, tokenizer, raw_length: int) -> list[list[int]]:
 
 def _common_args(args, output_dir: str) -> dict:
     """TrainingArguments shared by both sides: same optimizer, lr, clipping and precision."""
-    cuda = _device().type == "cuda"
+    cuda = device().type == "cuda"
     return dict(
         output_dir=output_dir, per_device_train_batch_size=args.batch_size, learning_rate=1e-5, weight_decay=0.1,
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", use_cpu=not cuda,
@@ -195,7 +154,7 @@ def _step(trainer, batch) -> float:
     return time.perf_counter() - start
 
 
-def _raw_length(args) -> int:
+def packed_raw_length(args) -> int:
     from distill.layout import prefix_len, raw_tokens_needed
 
     prefix_len(args.seq_len, args.num_regions, args.k_max)  # UserError when k_max does not fit a region
@@ -211,7 +170,7 @@ def measure_step_time(args) -> dict:
 
     from tqdm.auto import tqdm
 
-    raw_length = _raw_length(args)
+    raw_length = packed_raw_length(args)
     with tempfile.TemporaryDirectory() as tmp:
         sft, tokenizer = _build("sft", args, tmp)
         mtp, _ = _build("mtp", args, tmp)
@@ -292,8 +251,8 @@ def memory_worker(args) -> dict:
 
     import distill.trainer  # noqa: F401
 
-    cuda = _device().type == "cuda"
-    raw_length = _raw_length(args)
+    cuda = device().type == "cuda"
+    raw_length = packed_raw_length(args)
     baseline = torch.cuda.memory_allocated() if cuda else _current_rss()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, tokenizer = _build(args.worker, args, tmp)
@@ -321,7 +280,7 @@ def measure_memory(args, argv: list[str]) -> dict:
     results = {}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     for side in tqdm(("sft-lora", "mtp-lora"), desc="peak memory (LoRA, one process each)", file=sys.stderr):
-        cmd = [sys.executable, "-m", "distill.bench", *argv, "--worker", side, "--json"]
+        cmd = [sys.executable, "-m", "mtp_cli", "bench-train", *argv, "--worker", side, "--json"]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -334,56 +293,8 @@ def measure_memory(args, argv: list[str]) -> dict:
             + ("" if results["mtp-lora"]["method"].startswith("torch.cuda") else ", above the RSS before model load")}
 
 
-# -------------------------------------------------------------------------------------------------------------- main
-
-
-def _table(report: dict) -> str:
-    c = report["config"]
-    lines = [
-        f"mtp bench-train  model={c['model']}  device={c['device']}  batch={c['batch_size']}  seq_len={c['seq_len']}  "
-        f"M={c['num_regions']}  k={c['k_min']}..{c['k_max']}  steps={c['steps']} (+{c['warmup']} warm-up)",
-        "",
-        f"{'':34}{'SFT':>10}{'MTP':>10}{'MTP/SFT':>10}{'goal':>9}",
-    ]
-    if "step_time" in report:
-        t = report["step_time"]
-        lines.append(f"{'step time, full fine-tune (s)':34}{t['sft_median_s']:>10.3f}{t['mtp_median_s']:>10.3f}"
-                     f"{t['ratio']:>10.2f}{'<= ' + str(t['goal']):>9}")
-    if "memory" in report:
-        m = report["memory"]
-        lines.append(f"{'peak memory, LoRA (MiB)':34}{m['sft_lora_mib']:>10.0f}{m['mtp_lora_mib']:>10.0f}"
-                     f"{m['ratio']:>10.2f}{'<= ' + str(m['goal']):>9}")
-    lines.append("")
-    if "step_time" in report:
-        lines.append("step time: median of the measured steps, SFT and MTP alternated on the same batches; "
-                     "MTP = frozen-copy teacher")
-    if "memory" in report:
-        lines.append(f"memory: {report['memory']['method']}; MTP = shared-base teacher (adapters off)")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    _check(args)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    report_to = sys.stdout
-    # Libraries print banners and warnings on stdout while they load; only the report may go there (--json pipes).
-    with contextlib.redirect_stdout(sys.stderr):
-        report = memory_worker(args) if args.worker else _measure(args, argv)
-    if args.worker:  # one line for the parent process
-        text = json.dumps(report)
-    else:
-        text = json.dumps(report, indent=2) if args.json else _table(report)
-    print(text, file=report_to)
-    return 0
-
-
-def _measure(args, argv: list[str]) -> dict:
-    report = {"config": {"model": args.model, "device": str(_device()), "batch_size": args.batch_size,
+def measure(args, argv: list[str]) -> dict:
+    report = {"config": {"model": args.model, "device": str(device()), "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "num_regions": args.num_regions, "k_min": args.k_min,
                          "k_max": args.k_max, "steps": args.steps, "warmup": args.warmup, "lora_r": args.lora_r,
                          "dataset": args.dataset, "bf16": args.bf16}}
@@ -392,9 +303,3 @@ def _measure(args, argv: list[str]) -> dict:
     if not args.skip_memory:
         report["memory"] = measure_memory(args, [a for a in argv if a != "--json"])
     return report
-
-
-if __name__ == "__main__":
-    from mtp_cli.main import main as mtp_main
-
-    sys.exit(mtp_main(["bench-train", *sys.argv[1:]]))

@@ -41,7 +41,6 @@ an adapter's local base) is always refused. --k-max and --tau must pass the rule
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -340,29 +339,3 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` line, exit 2 (mtp_cli/main.py), instead of argparse's usage dump
-        raise UserError(message)
-
-
-def main(argv: list[str]) -> int:
-    parser = _Parser(prog="mtp export", description="Merge LoRA (if any) and save a plain safetensors HF directory "
-                     "with <MTP> and the MTP decoding defaults in its generation config.")
-    parser.add_argument("--model", required=True, help="full checkpoint dir, alias, or LoRA adapter dir")
-    parser.add_argument("--output", required=True, help="output directory (created atomically)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--k-max", type=int, default=None,
-                        help=f"default span length (default: the model's config.mtp_k_max, else {DEFAULT_K_MAX})")
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="default ConfAdapt threshold")
-    parser.add_argument("--strategy", default="confadapt", choices=STRATEGIES, help="default decoding strategy")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty existing output directory")
-    parser.add_argument("--merge-adapter", action="store_true",
-                        help="merge a mask-only adapter into the weights (default: kept beside them, so k=1 stays "
-                             "the base model's)")
-    args = parser.parse_args(argv)
-    out = export_model(args.model, args.output, dtype=args.dtype, k_max=args.k_max, tau=args.tau,
-                       strategy=args.strategy, overwrite=args.overwrite, merge_adapter=args.merge_adapter)
-    print(f"exported {args.model} -> {out}")
-    return 0

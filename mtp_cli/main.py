@@ -25,9 +25,9 @@ from distill.errors import UserError
 
 # name -> (module, function, one-line help)
 COMMANDS = {
-    "train": ("distill.trainer_cli", "main", "distill an MTP model from a YAML recipe"),
-    "bench-train": ("distill.bench", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
-    "export": ("distill.export", "main", "merge LoRA and save a plain safetensors HF directory"),
+    "train": ("mtp_cli.train", "main", "distill an MTP model from a YAML recipe"),
+    "bench-train": ("mtp_cli.bench_train", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
+    "export": ("mtp_cli.export", "main", "merge LoRA and save a plain safetensors HF directory"),
     "generate": ("mtp_cli.generate", "main", "generate with static / confadapt / selfspec decoding"),
     "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup, "
                      "at each concurrency"),

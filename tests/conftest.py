@@ -119,7 +119,7 @@ SMOLLM2_SHORT_RUN_STEPS = 30
 def trained_smollm2_dir(smollm2_dir, gsm8k_path, tmp_path_factory) -> str:
     """Output dir of `mtp train` on SmolLM2 (30 steps): final model (plain HF, safetensors, <MTP>), checkpoint-30
     (resumable), trainer_state.json whose log_history holds the eval at step 0 and at step 30."""
-    from distill.trainer_cli import main as train
+    from mtp_cli.train import main as train
 
     out = tmp_path_factory.mktemp("trained-smollm2") / "run"
     argv = [

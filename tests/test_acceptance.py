@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from distill import acceptance, trainer_cli
+from distill import acceptance
+from distill import recipe as recipes
+from mtp_cli import train as train_command
 from distill.plots import training_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +98,7 @@ def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir,
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
             "--acceptance_eval_steps", "1", "--acceptance_prompts", "2", "--acceptance_max_new_tokens", "6",
             "--acceptance_budget", "1.0", "--report_to", "wandb", "--run_name", "acceptance-test"]
-    assert trainer_cli.main(argv) == 0
+    assert train_command.main(argv) == 0
     wandb.finish()
     printed = capsys.readouterr().out
     assert "acceptance @ step 1" in printed and "acceptance @ step 2" in printed
@@ -124,7 +126,7 @@ def test_callback_logs_to_console_history_wandb_and_training_png(tiny_model_dir,
     again = argv[:]
     again[again.index(str(out))] = str(tmp_path / "again")
     again[again.index("--report_to") + 1] = "none"
-    assert trainer_cli.main(again + ["--max_steps", "1"]) == 0
+    assert train_command.main(again + ["--max_steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "reference came from the cache" in printed, printed
     assert json.loads((tmp_path / "again" / acceptance.REFERENCE_FILE).read_text()) == reference
@@ -146,4 +148,4 @@ def test_bad_acceptance_settings_are_user_errors(tiny_model_dir, tmp_path):
                            (["--acceptance_tau", "1.5"], "acceptance_tau must be in"),
                            (["--acceptance_k_max", "9"], "more than the k_max 8")):
         with pytest.raises(UserError, match=message):
-            trainer_cli.parse_args(base + flags)
+            recipes.parse_args(base + flags)

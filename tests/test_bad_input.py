@@ -426,7 +426,7 @@ def test_command_line_false_beats_a_recipes_trust_remote_code(ctx, capsys):
     ({"model_init_kwargs": {"trust_remote_code": False}}, ["--trust_remote_code=true"], True),
 ])
 def test_effective_trust_remote_code(ctx, recipe, flags, expected):
-    from distill.trainer_cli import parse_args
+    from distill.recipe import parse_args
 
     script_args, config, _ = parse_args(ctx.train(*flags, **recipe)[1:])
     assert script_args.trust_remote_code is expected
@@ -511,15 +511,14 @@ def test_terminal_view_escapes_control_characters(tiny_model_dir):
 
 def test_demo_ends_with_one_line_when_training_is_stopped(tmp_path, monkeypatch):
     from adaptive import demo
-    from distill import trainer_cli
+    from distill import run
     from distill.errors import UserError
 
-    def stopped_by_sigterm(argv, callbacks=None):  # what trainer_cli.main does on SIGTERM: a checkpoint, no model
-        out = Path(argv[argv.index("--output_dir") + 1])
-        (out / "checkpoint-3").mkdir(parents=True)
-        return 0
+    def stopped_by_sigterm(config, model_args, prepared, **kwargs):  # what run.train does on SIGTERM: a checkpoint
+        (Path(config.output_dir) / "checkpoint-3").mkdir(parents=True)  # and no model
 
-    monkeypatch.setattr(trainer_cli, "main", stopped_by_sigterm)
+    monkeypatch.setattr(run, "prepare", lambda config: None)  # the test's train.jsonl does not exist
+    monkeypatch.setattr(run, "train", stopped_by_sigterm)
     with pytest.raises(UserError, match="training stopped before the model was saved"):
         demo.distil(demo.Plan.for_minutes(3), tmp_path / "train.jsonl", tmp_path / "model")
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import trainer_cli
+from mtp_cli import train as train_command
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_RECIPE = str(REPO / "recipes" / "smollm2-cpu-full.yaml")
@@ -97,7 +97,7 @@ def single_process(tiny_model_dir, gsm8k_rows, tmp_path_factory) -> Path:
     saved = dict(os.environ)
     try:
         argv = train_args(tiny_model_dir, gsm8k_rows, out, GLOBAL_BATCH, "--max_steps", str(STEPS))
-        assert trainer_cli.main(argv) == 0
+        assert train_command.main(argv) == 0
     finally:
         os.environ.clear()
         os.environ.update(saved)

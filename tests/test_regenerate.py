@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from adaptive import regenerate as regen
-from distill import cli, trainer_cli
+from mtp_cli import main as cli
+from mtp_cli import train as train_command
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("restore_environment")
@@ -166,7 +167,7 @@ def test_the_output_trains_with_mtp_train(tiny_model_dir, prompts, tmp_path, cap
             "--output_dir", str(out), "--dataset_name", str(data), "--eval_fraction", "0", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--seq_len", "24", "--num_regions", "2", "--k_max", "4",
             "--save_strategy", "no", "--disable_tqdm", "true"]
-    assert trainer_cli.main(argv) == 0
+    assert train_command.main(argv) == 0
     assert f"saved model + tokenizer to {out} (step 1)" in capsys.readouterr().out
 
 
@@ -191,7 +192,7 @@ def test_recipe_regenerates_only_the_head_rows_and_reuses_them(tiny_model_dir, g
                 "--k_max", "4", "--save_strategy", "no", "--disable_tqdm", "true", "--regenerate", "true",
                 "--regenerate_batch_size", "3", "--regenerate_max_new_tokens", "40", *extra]
 
-    assert trainer_cli.main(args("a")) == 0
+    assert train_command.main(args("a")) == 0
     files = list((tmp_path / "cache" / "regenerated").glob("*.jsonl"))
     assert len(files) == 1
     rows = _rows(files[0])
@@ -200,15 +201,15 @@ def test_recipe_regenerates_only_the_head_rows_and_reuses_them(tiny_model_dir, g
     assert "regenerate: decoding" in capsys.readouterr().out
 
     # A smaller run reuses the file; other settings make a new one.
-    assert trainer_cli.main(args("b", "--max_steps", "1")) == 0
+    assert train_command.main(args("b", "--max_steps", "1")) == 0
     assert f"reusing {files[0]}" in capsys.readouterr().out
-    assert trainer_cli.main(args("c", "--regenerate_rows", "3", "--regenerate_max_new_tokens", "41")) == 0
+    assert train_command.main(args("c", "--regenerate_rows", "3", "--regenerate_max_new_tokens", "41")) == 0
     assert len(list((tmp_path / "cache" / "regenerated").glob("*.jsonl"))) == 2
 
     from distill.errors import UserError
 
     with pytest.raises(UserError, match="reaches into the last 200 rows"):
-        trainer_cli.main(args("d", "--regenerate_rows", "11"))
+        train_command.main(args("d", "--regenerate_rows", "11"))
 
 
 def test_tokenizer_digest_ignores_the_state_encoding_leaves(tiny_model_dir):

@@ -26,7 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import trainer_cli
+from distill import run
+from mtp_cli import train as train_command
 from mtp_cli.main import main as mtp
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
@@ -72,7 +73,7 @@ def reference_run(tiny_model_dir, gsm8k_rows, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     saved = dict(os.environ)
     try:
-        assert trainer_cli.main(train_args(tiny_model_dir, gsm8k_rows, out, "--max_steps", str(STEPS))) == 0
+        assert train_command.main(train_args(tiny_model_dir, gsm8k_rows, out, "--max_steps", str(STEPS))) == 0
     finally:
         torch.set_num_threads(threads)
         os.environ.clear()
@@ -239,8 +240,8 @@ def test_resume_auto_continues_only_when_there_is_a_checkpoint(earlier_run, tmp_
 
     (earlier_run / ".partial-checkpoint-8" / "checkpoint-8").mkdir(parents=True)  # a killed save: never picked
     auto = SimpleNamespace(resume_from_checkpoint="auto", output_dir=str(earlier_run))
-    assert trainer_cli._resume_target(auto) == str(earlier_run / "checkpoint-6")
-    assert trainer_cli._resume_target(SimpleNamespace(resume_from_checkpoint="auto",
+    assert run._resume_target(auto) == str(earlier_run / "checkpoint-6")
+    assert run._resume_target(SimpleNamespace(resume_from_checkpoint="auto",
                                                       output_dir=str(tmp_path / "new"))) is None
 
 

@@ -1,4 +1,5 @@
-"""`mtp train` (distill/trainer_cli.py) and `mtp bench-train` (distill/bench.py) on the tiny random model.
+"""`mtp train` (mtp_cli/train.py over distill/recipe.py and distill/run.py) and `mtp bench-train` (distill/bench.py)
+on the tiny random model.
 
 Recipes must load through the real parser (an unknown key would fail), the flagship recipes must carry the paper's
 settings, bad input must be one `error:` line with exit status 2, and a real run must save a complete model, refuse to
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import trainer_cli
+from distill import recipe as recipes
+from distill import run
+from mtp_cli import train as train_command
 from distill.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes export their `env:` block
@@ -34,7 +37,7 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses(recipe):
-    script_args, config, model_args = trainer_cli.parse_args(["--config", str(recipe)])
+    script_args, config, model_args = recipes.parse_args(["--config", str(recipe)])
     assert model_args.model_name_or_path and config.output_dir.startswith("outputs/")
     assert config.k_min >= 2 and config.k_max >= config.k_min
     # The paper's hard teacher; or ground-truth labels on the model's own greedy answers (`mtp regenerate`), where
@@ -46,7 +49,7 @@ def test_every_recipe_parses(recipe):
     else:
         assert config.teacher == "frozen-copy"
     if config.dataset_name.endswith(".jsonl"):
-        assert Path(trainer_cli.resolve_dataset(config.dataset_name)).is_file()
+        assert Path(run.resolve_dataset(config.dataset_name)).is_file()
 
 
 @pytest.mark.parametrize(
@@ -57,7 +60,7 @@ def test_every_recipe_parses(recipe):
     ],
 )
 def test_flagship_recipes_carry_the_paper_settings(recipe, model, fmt):
-    _, config, model_args = trainer_cli.parse_args(["--config", str(REPO / "recipes" / recipe)])
+    _, config, model_args = recipes.parse_args(["--config", str(REPO / "recipes" / recipe)])
     assert model_args.model_name_or_path == model and model_args.dtype == "bfloat16" and config.bf16
     assert config.dataset_name == "meta-math/MetaMathQA" and config.dataset_format == fmt
     # §3.1 / §3.2 / §7.7
@@ -75,12 +78,12 @@ def test_cli_flags_override_the_recipe_and_env_is_exported(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: smollm2-135m\nk_max: 4\nseq_len: 48\nnum_regions: 3\n"
                       "env:\n  MTP_RECIPE_TEST: seven\n")
-    script_args, config, model_args = trainer_cli.parse_args(
+    script_args, config, model_args = recipes.parse_args(
         [f"--config={recipe}", "--k_max", "6", "--use_peft", "--lora_r", "4"])
     assert config.k_max == 6 and config.seq_len == 48  # CLI wins, the rest comes from the file
     assert model_args.use_peft and model_args.lora_r == 4
     assert os.environ["MTP_RECIPE_TEST"] == "seven"
-    assert config.dataset_name == trainer_cli.DEFAULT_DATASET  # no dataset named: GSM8K train
+    assert config.dataset_name == recipes.DEFAULT_DATASET  # no dataset named: GSM8K train
 
 
 @pytest.mark.parametrize(
@@ -108,7 +111,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, recipe_text, flags, messa
 
 
 def test_help_lists_every_option_group(capsys):
-    assert trainer_cli.main(["--help"]) == 0
+    assert train_command.main(["--help"]) == 0
     out = capsys.readouterr().out
     for flag in ("--config", "--k_max", "--teacher", "--dataset_name", "--use_peft", "--lora_r", "--learning_rate"):
         assert flag in out
@@ -116,17 +119,17 @@ def test_help_lists_every_option_group(capsys):
 
 def test_missing_config_file_is_an_error():
     with pytest.raises(UserError, match="not found"):
-        trainer_cli.parse_args(["--config", "recipes/nope.yaml"])
+        recipes.parse_args(["--config", "recipes/nope.yaml"])
     with pytest.raises(UserError, match="needs a file path"):
-        trainer_cli.parse_args(["--config"])
+        recipes.parse_args(["--config"])
 
 
 def test_dataset_path_is_found_from_any_directory(tmp_path, monkeypatch, gsm8k_path):
     monkeypatch.chdir(tmp_path)  # not the repository: the relative recipe path falls back to the repo root
-    assert Path(trainer_cli.resolve_dataset(trainer_cli.DEFAULT_DATASET)) == gsm8k_path.resolve()
-    assert trainer_cli.resolve_dataset("meta-math/MetaMathQA") == "meta-math/MetaMathQA"
+    assert Path(run.resolve_dataset(recipes.DEFAULT_DATASET)) == gsm8k_path.resolve()
+    assert run.resolve_dataset("meta-math/MetaMathQA") == "meta-math/MetaMathQA"
     with pytest.raises(UserError, match="not found"):
-        trainer_cli.resolve_dataset("../nowhere/rows.jsonl")
+        run.resolve_dataset("../nowhere/rows.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------------- final save
@@ -151,11 +154,11 @@ class _FakeTrainer:
 def test_final_save_moves_the_config_last(tmp_path, monkeypatch):
     moved = []
     real_replace = os.replace
-    monkeypatch.setattr(trainer_cli.os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
-    trainer_cli.save_final(_FakeTrainer("new"), str(tmp_path))
+    monkeypatch.setattr(run.os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    run.save_final(_FakeTrainer("new"), str(tmp_path))
     assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert all((tmp_path / name).read_text() == "new" for name in moved)
-    assert not (tmp_path / trainer_cli.STAGING).exists()
+    assert not (tmp_path / run.STAGING).exists()
 
 
 def test_interrupted_final_save_never_looks_complete(tmp_path, monkeypatch):
@@ -169,9 +172,9 @@ def test_interrupted_final_save_never_looks_complete(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(a, b)
 
-    monkeypatch.setattr(trainer_cli.os, "replace", crash_on_second)
+    monkeypatch.setattr(run.os, "replace", crash_on_second)
     with pytest.raises(OSError):
-        trainer_cli.save_final(_FakeTrainer("new"), str(tmp_path))
+        run.save_final(_FakeTrainer("new"), str(tmp_path))
     # A mix of old and new weights is on disk, but without config.json no loader accepts the directory.
     assert not (tmp_path / "config.json").exists()
 
@@ -193,9 +196,9 @@ def test_train_saves_refuses_to_overwrite_and_resumes(tiny_model_dir, gsm8k_path
     from distill.tokens import MTP_TOKEN
 
     out = tmp_path / "run"
-    assert trainer_cli.main(_run_args(tiny_model_dir, out, "--max_steps", "2")) == 0
+    assert train_command.main(_run_args(tiny_model_dir, out, "--max_steps", "2")) == 0
     assert f"saved model + tokenizer to {out} (step 2)" in capsys.readouterr().out
-    assert not (out / trainer_cli.STAGING).exists() and (out / "checkpoint-2").is_dir()
+    assert not (out / run.STAGING).exists() and (out / "checkpoint-2").is_dir()
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.mtp_mask_token_id == tokenizer.convert_tokens_to_ids(MTP_TOKEN)
@@ -206,28 +209,28 @@ def test_train_saves_refuses_to_overwrite_and_resumes(tiny_model_dir, gsm8k_path
                            after["model.layers.0.self_attn.q_proj.weight"])  # it trained
 
     with pytest.raises(UserError, match="already holds a run"):
-        trainer_cli.main(_run_args(tiny_model_dir, out, "--max_steps", "4"))
+        train_command.main(_run_args(tiny_model_dir, out, "--max_steps", "4"))
 
     # Resume: only steps 3 and 4 run, on top of the checkpoint's state.
     steps = []
     real_step = MTPDistillTrainer.training_step
     monkeypatch.setattr(MTPDistillTrainer, "training_step",
                         lambda self, *a, **k: (steps.append(self.state.global_step), real_step(self, *a, **k))[1])
-    assert trainer_cli.main(_run_args(tiny_model_dir, out, "--max_steps", "4", "--resume_from_checkpoint", "true")) == 0
+    assert train_command.main(_run_args(tiny_model_dir, out, "--max_steps", "4", "--resume_from_checkpoint", "true")) == 0
     assert steps == [2, 3]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (out / "checkpoint-4").is_dir()
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
 
     with pytest.raises(UserError, match="not a checkpoint directory"):
-        trainer_cli.main(_run_args(tiny_model_dir, out, "--max_steps", "6", "--resume_from_checkpoint", str(tmp_path)))
+        train_command.main(_run_args(tiny_model_dir, out, "--max_steps", "6", "--resume_from_checkpoint", str(tmp_path)))
 
 
 def test_lora_run_saves_adapter_and_tokenizer(tiny_model_dir, gsm8k_path, tmp_path, capsys):
     out = tmp_path / "lora"
     argv = _run_args(tiny_model_dir, out, "--max_steps", "1", "--save_strategy", "no")
     argv[1] = str(REPO / "recipes" / "smollm2-cpu.yaml")
-    assert trainer_cli.main(argv) == 0
+    assert train_command.main(argv) == 0
     assert f"saved LoRA adapter + tokenizer to {out}" in capsys.readouterr().out
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]) == Path(tiny_model_dir)
@@ -238,7 +241,7 @@ def test_lora_run_saves_adapter_and_tokenizer(tiny_model_dir, gsm8k_path, tmp_pa
 
 
 def test_bench_train_reports_both_ratios(tiny_model_dir, gsm8k_path, capsys):
-    from distill.bench import main as bench
+    from mtp_cli.bench_train import main as bench
 
     argv = ["--model", tiny_model_dir, "--steps", "2", "--warmup", "1", "--batch-size", "2", "--json"]
     assert bench(argv) == 0
@@ -252,7 +255,7 @@ def test_bench_train_reports_both_ratios(tiny_model_dir, gsm8k_path, capsys):
 
 
 def test_bench_train_rejects_bad_flags():
-    from distill.bench import main as bench
+    from mtp_cli.bench_train import main as bench
 
     with pytest.raises(UserError, match="--steps"):
         bench(["--steps", "0"])

@@ -54,7 +54,7 @@ def test_final_model_is_a_complete_mtp_checkpoint(trained_smollm2_dir):
 def test_checkpoint_resumes_and_continues_the_step_count(trained_smollm2_dir, tmp_path, capsys):
     from conftest import REPO, SMOLLM2_SHORT_RUN_STEPS as STEPS
 
-    from distill.trainer_cli import main as train
+    from mtp_cli.train import main as train
 
     checkpoint = Path(trained_smollm2_dir) / f"checkpoint-{STEPS}"
     assert (checkpoint / "trainer_state.json").is_file()
