@@ -10,11 +10,14 @@ Supervision (§2.2 table):
   * "hard" (main method): CE(student_j, argmax teacher_j)                 - what the reference code trains with;
   * "soft":               KL(T || S) = CE(student_j, softmax teacher_j) - H(teacher_j);
   * "gt":                 CE(student_j, ground truth)                     - offline MTP, no teacher pass.
-`sequence_weighted=True` replaces the per-token term with the paper's equation (§2.1, eq. mtpo2): per problem,
--P_T(y'|x) * log P_S(y'|x) with P_T(y'|x) = prod_j p_T(y'_j | x, y'_<j) treated as a constant weight.
+`sequence_weighted=True` replaces the per-token term with the paper's equation as written (§2.1, eq. mtpo2): per
+problem, -P_T(y'|x) * log P_S(y'|x), with log P_S(y'|x) = sum_j log p_S(y'_j | x) and the weight P_T(y'|x) a constant
+read out the way `supervision` says: "soft" the chain-rule probability prod_j p_T(y'_j | x, y'_<j); "hard" (the
+teacher's readout is its argmax, a delta distribution) the indicator that the student's span equals the teacher's
+greedy chain. The loss is the mean over problems: each problem counts once whatever its k.
 Optional extras: `prefix_ntp_weight` * NTP cross-entropy on the ground truth at the prefix slots ("Prefix Loss"
 ablation) and `student_entropy_beta` * H(student) (the β entropy penalty of `pt_ce_plus_ent_loss`).
-Every term is a plain mean over its supervised tokens (§2.2 step 7: no per-position or per-k weights).
+Every other term is a plain mean over its supervised tokens (§2.2 step 7: no per-position or per-k weights).
 
 Everything here is a pure function of tensors, so each value can be checked by hand.
 """
@@ -92,11 +95,16 @@ def mtp_objective(
         t_logp = F.log_softmax(_align_vocab(_upcast(teacher_logits.detach()), vocab), dim=-1)
 
     # The main term, per token [R, k] (summed later so that an empty micro-batch keeps the graph and gives 0).
+    denom = max(supervised, 1)
     if sequence_weighted:
-        # eq. mtpo2: -P_T(y'|x) * log P_S(y'|x); the weight is the teacher's chain-rule probability of the rollout.
-        t_rollout_logp = t_logp.gather(-1, rollout.unsqueeze(-1)).squeeze(-1)  # [R, k]
-        weight = t_rollout_logp.sum(-1, keepdim=True).exp()  # [R, 1]
-        per_token = -weight * s_logp.gather(-1, rollout.unsqueeze(-1)).squeeze(-1)
+        # eq. mtpo2: -P_T(y'|x) * log P_S(y'|x) per problem, the weight a constant (t_logp carries no gradient).
+        s_rollout_logp = s_logp.gather(-1, rollout.unsqueeze(-1)).squeeze(-1)  # [R, k]
+        if supervision == "soft":
+            weight = t_logp.gather(-1, rollout.unsqueeze(-1)).squeeze(-1).sum(-1, keepdim=True).exp()  # [R, 1]
+        else:  # hard readout: P_T(y'|x) = 1 when y' is the teacher's greedy chain, else 0
+            weight = (rollout == t_logp.argmax(-1)).all(-1, keepdim=True).to(s_logp.dtype)
+        per_token = -weight * s_rollout_logp
+        denom = max(num_problems, 1)
     elif supervision == "hard":
         target = t_logp.argmax(-1)
         per_token = -s_logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -105,11 +113,10 @@ def mtp_objective(
         per_token = cross - _entropy(t_logp)
     else:
         per_token = -s_logp.gather(-1, gt_targets.unsqueeze(-1)).squeeze(-1)
-    denom = max(supervised, 1)
     main = per_token.sum() / denom
     loss = main
     if student_entropy_beta:
-        loss = loss + student_entropy_beta * s_entropy.sum() / denom
+        loss = loss + student_entropy_beta * s_entropy.sum() / max(supervised, 1)
     prefix_ce = None
     if prefix_ntp_weight:
         if prefix_logits is None or prefix_targets is None:

@@ -81,7 +81,9 @@ class MTPDistillConfig(TrainingArguments):
     )
     sequence_weighted: bool = field(
         default=False,
-        metadata={"help": "Paper equation form (§2.1 eq. mtpo2): -P_T(y'|x) log P_S(y'|x) per MTP problem."},
+        metadata={"help": "Paper equation form (§2.1 eq. mtpo2): -P_T(y'|x) log P_S(y'|x) per MTP problem, averaged "
+                          "over problems; with supervision hard P_T(y'|x) is 1 when y' is the teacher's greedy "
+                          "chain, else 0."},
     )
     prefix_ntp_weight: float = field(
         default=0.0, metadata={"help": "Weight of the NTP cross-entropy on ground truth at prefix slots (0 = off)."}

@@ -75,18 +75,33 @@ def test_ground_truth_supervision_needs_no_teacher():
     assert metrics["gt_acc"] == 0.0  # student argmax (0, 2) vs ground truth (1, 1)
 
 
-def test_sequence_weighted_paper_equation():
-    loss, _ = mtp_objective(logits(S), torch.tensor([T], dtype=torch.float64), sequence_weighted=True)
+def test_sequence_weighted_paper_equation_soft():
+    # eq. mtpo2 with the soft readout: -P_T(y'|x) log P_S(y'|x), P_T by the chain rule, one term per problem.
+    loss, _ = mtp_objective(logits(S), torch.tensor([T], dtype=torch.float64), supervision="soft",
+                            sequence_weighted=True)
     rollout = [0, 2]  # student argmax
     weight = softmax(T[0])[rollout[0]] * softmax(T[1])[rollout[1]]  # P_T(y'|x), chain rule
     log_ps = math.log(softmax(S[0])[rollout[0]]) + math.log(softmax(S[1])[rollout[1]])
-    assert loss.item() == pytest.approx(-weight * log_ps / 2, rel=1e-9)
+    assert loss.item() == pytest.approx(-weight * log_ps, rel=1e-9)
+
+
+def test_sequence_weighted_paper_equation_hard_is_an_indicator_and_a_mean_over_problems():
+    # Two problems with different k would scale differently under a per-token mean; here R=2, k=2 by hand:
+    # problem 1 is S/T above: the student's span (0, 2) is not the teacher's greedy chain (1, 2): weight 0.
+    # problem 2: the teacher's argmax chain equals the student's span (1, 0): weight 1.
+    s2 = [[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]
+    t2 = [[0.0, 1.0, 0.5], [2.0, 1.0, 0.0]]
+    student = torch.tensor([S, s2], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([T, t2], dtype=torch.float64)
+    loss, _ = mtp_objective(student, teacher, supervision="hard", sequence_weighted=True)
+    log_ps2 = math.log(softmax(s2[0])[1]) + math.log(softmax(s2[1])[0])
+    assert loss.item() == pytest.approx(-(0.0 + 1.0 * log_ps2) / 2, rel=1e-9)
 
 
 def test_sequence_weight_is_a_constant():
     teacher = torch.tensor([T], dtype=torch.float64, requires_grad=True)
     student = logits(S)
-    mtp_objective(student, teacher, sequence_weighted=True)[0].backward()
+    mtp_objective(student, teacher, supervision="soft", sequence_weighted=True)[0].backward()
     assert teacher.grad is None and student.grad is not None
 
 
