@@ -59,15 +59,13 @@ from distill.adapters import (
     read_marker,
     write_marker,
 )
+from distill.decoding_defaults import DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES, check_tau, record_decoding_defaults
 from distill.errors import UserError
 from distill.files import check_replaceable_dir, mark_created, share_files
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STRATEGIES = ("static", "confadapt", "selfspec")
-DEFAULT_K_MAX = 16  # paper §4.2: ConfAdapt attempts k_max = 16 positions
-DEFAULT_TAU = 0.9  # paper §4.2 / Fig. 1: τ = 90%
 
 
 def _has_mtp(model, tokenizer) -> bool:
@@ -199,14 +197,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def mtp_generation_config(model, tokenizer, *, strategy: str, k_max: int, tau: float):
     """The model's generation config plus the MTP decoding defaults as extra attributes (saved to JSON as-is)."""
     gen = copy.deepcopy(model.generation_config)
-    # A config derived from config.json is flagged `_from_model_config`, and transformers then drops every extra
-    # attribute on reload: this one is a real, user-authored generation config.
-    gen._from_model_config = False
     gen.eos_token_id = stop_token_ids(model, tokenizer)
     gen.pad_token_id = tokenizer.pad_token_id
-    gen.mtp_strategy = strategy
-    gen.mtp_k_max = int(k_max)
-    gen.mtp_tau = float(tau)
+    record_decoding_defaults(gen, strategy=strategy, k_max=k_max, tau=tau)  # a tau typed for export is raw
     gen.mtp_mask_token_id = int(model.config.mtp_mask_token_id)
     return gen
 
@@ -216,8 +209,7 @@ def _check_options(strategy: str, k_max: int | None, tau: float, dtype: str) -> 
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if k_max is not None and k_max < 1:
         raise UserError(f"--k-max must be >= 1, got {k_max}")
-    if not 0.0 < tau <= 1.0:
-        raise UserError(f"--tau must be in (0, 1], got {tau}")
+    check_tau(tau, "--tau")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if k_max is not None:

@@ -4,7 +4,8 @@ What is written and how (LoRA merged, a mask-only adapter kept beside the base w
 `mtp_*` defaults, the atomic directory swap) is distill/export.py's.
 """
 
-from distill.export import DEFAULT_K_MAX, DEFAULT_TAU, DTYPES, STRATEGIES, export_model
+from distill.decoding_defaults import DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES
+from distill.export import DTYPES, export_model
 from mtp_cli.args import Parser
 
 
