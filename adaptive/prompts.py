@@ -52,3 +52,16 @@ def read_prompts(prompts: list[str] | None, batch_file: str | None) -> list[str]
     return out
 
 
+def load_prompts(path, n: int | None = None) -> list[dict]:
+    """Unlabelled problems from a JSON-lines file: one object per line with a string "prompt" or "question" field
+    (blank lines skipped); the first n. UserError for a missing file, a bad line or a file without prompts."""
+    problems = []
+    for lineno, row in read_jsonl(path, "--prompts file"):
+        text = row.get("prompt", row.get("question")) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f'{path}:{lineno}: expected an object with a non-empty string "prompt" or "question" '
+                            "field")
+        problems.append({"question": text, "answer": None, "index": lineno})
+    if not problems:
+        raise UserError(f"--prompts file {path} holds no prompts")
+    return problems[:n] if n is not None else problems

@@ -12,6 +12,10 @@ serving debriefs' anchors as labelled markers (the paper authors' SGLang fork, j
 PHASE3D_DEBRIEF.md: ConfAdapt at 0.26x and EAGLE-3 at 1.39x of non-MTP throughput at concurrency 16): does a mode
 collapse as requests are batched together?
 
+pareto.png (`mtp tune`, adaptive/tuner.py): accuracy, or agreement with k=1, against tokens per forward and against
+measured wall-clock tokens/s, one line per k_max over tau, certified settings filled, the choice starred and k=1 as
+the reference line: what each setting costs in quality for what it gains in speed.
+
 Every figure is written atomically (distill/files.py).
 """
 
@@ -123,5 +127,69 @@ def concurrency_plot(results: list[dict], path, *, anchors=(), title: str | None
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     try:
         return replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def pareto_plot(path, settings: list[dict], reference: dict, *, choice: dict | None = None,
+                target: float | None = None, title: str | None = None, objective: str = "drop") -> Path:
+    """Accuracy (or agreement with k=1) vs tokens/forward (left) and vs measured wall-clock tokens/s (right): one
+    line per k_max over tau (annotated), certified settings filled, the chosen one starred, k=1's speed as a vertical
+    reference line (1 token/forward; its measured tok/s) and the target band shaded. PNG, written atomically."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agreement = objective == "agreement"
+    quality = "agreement" if agreement else "accuracy"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    panels = (("tokens_per_forward_mean", "tokens per forward (acceleration factor)"),
+              ("tokens_per_second", "wall-clock tokens/s (measured beside k=1, same batch size)"))
+    ref_y = 1.0 if agreement else float(reference["accuracy"])
+    chosen = (choice or {}).get("setting")
+    k_maxes = sorted({int(s["k_max"]) for s in settings})
+    colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(k_maxes), 1)))
+    ref_x = {"tokens_per_forward_mean": 1.0,
+             "tokens_per_second": reference.get("speed_sample_tokens_per_second") or reference.get("tokens_per_second")}
+    for ax, (field, xlabel) in zip(axes, panels):
+        if target is not None:
+            low = target if agreement else ref_y - target
+            ax.axhspan(low, ref_y, color="tab:green", alpha=0.12, lw=0,
+                       label=f"within target ({'agreement >= ' if agreement else 'drop <= '}{target:g})")
+            ax.axhline(low, color="tab:green", ls="--", lw=1)
+        if ref_x[field] is not None:
+            ax.axvline(ref_x[field], color="black", ls=":", lw=1.5, label="k=1 (plain decoding): slower to the left")
+            ax.plot(ref_x[field], ref_y, "s", color="black", ms=8, label="Static(1) reference")
+        for color, k in zip(colors, k_maxes):
+            rows = sorted((s for s in settings if int(s["k_max"]) == k and s.get(field) is not None
+                           and s.get(quality) is not None), key=lambda s: -s["tau"])
+            if not rows:
+                continue
+            xs, ys = [s[field] for s in rows], [s[quality] for s in rows]
+            ax.plot(xs, ys, "-", color=color, lw=1.2, label=f"ConfAdapt k_max={k}")
+            for s, x, y in zip(rows, xs, ys):
+                ax.plot(x, y, "o", ms=7, color=color, mfc=color if s.get("certified") else "white", mew=1.5)
+                ax.annotate(f"{s['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if chosen is not None and chosen.get(field) is not None:
+            ax.plot(chosen[field], chosen[quality], "*", color="tab:red", ms=18, mec="black",
+                    label=f"chosen: tau={chosen['tau']:g}, k_max={chosen['k_max']}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("agreement with k=1" if agreement else "accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].plot([], [], "o", color="gray", mfc="gray", label="certified")
+    axes[0].plot([], [], "o", color="gray", mfc="white", label="not certified")
+    axes[0].legend(fontsize=7, loc="lower left")
+    axes[1].legend(fontsize=7, loc="lower left")
+    if chosen is None and choice is not None:
+        axes[1].set_title("chosen: plain decoding (k=1)", fontsize=9)
+    fig.suptitle(title or f"mtp tune: {quality} vs speed")
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    try:
+        return replace_atomically(Path(path), write)
     finally:
         plt.close(fig)

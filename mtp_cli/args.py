@@ -1,28 +1,22 @@
 """One argument parser for every `mtp` command, and the argument checks they share.
 
 `Parser` turns argparse's usage dump into the project's error contract: one `error: ...` line on stderr and exit status
-2 (raised as `UserError`, printed by `mtp_cli.main`). The checks raise the same error with the flag's name in it.
+2 (raised as `UserError`, printed by `mtp_cli.main`). The checks raise the same error with the flag's name in it;
+`check_fraction` lives in distill/errors.py, beside `UserError`, because the libraries check fractions too.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
-from distill.errors import UserError
+from distill.errors import UserError, check_fraction
+
+__all__ = ["Parser", "at_least", "check_fraction", "number_list"]
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(message)
-
-
-def check_fraction(value, what: str, *, closed: bool = False) -> float:
-    """value in (0, 1), or (0, 1] with `closed`; UserError otherwise."""
-    value = float(value)
-    if math.isnan(value) or not (0.0 < value < 1.0 or (closed and value == 1.0)):
-        raise UserError(f"{what} must be in (0, 1{']' if closed else ')'}, got {value:g}")
-    return value
 
 
 def at_least(flag: str, value, low) -> None:

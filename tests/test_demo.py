@@ -40,7 +40,7 @@ def test_plan_scales_with_the_budget():
     assert full.train_seconds == pytest.approx(0.4 * 20 * 60)
     assert set(full.taus) <= {0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9, 0.87, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6}
     # the default run's tuning set can certify agreement 0.95 at the demo's delta (0.10) over its k_max values
-    from adaptive.tuner import min_certifiable_n
+    from adaptive.ltt import min_certifiable_n
 
     assert full.n_tune >= min_certifiable_n(1 - 0.95, 0.10 / len(full.k_maxes))
 

@@ -13,19 +13,11 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import binom
 
-from adaptive.tuner import (
-    agreement_flags,
-    binomial_pvalue,
-    fixed_sequence,
-    min_certifiable_n,
-    ordered_sequences,
-    parse_agreement,
-    pareto_plot,
-    select,
-    sweep,
-    write_decoding_defaults,
-)
+from adaptive.ltt import agreement_flags, binomial_pvalue, fixed_sequence, min_certifiable_n, select
+from adaptive.tuner import ordered_sequences, sweep, write_decoding_defaults
 from distill.errors import UserError
+from distill.plots import pareto_plot
+from mtp_cli.tune import parse_agreement
 
 DELTA = 0.05
 REPS = 2000
@@ -686,7 +678,8 @@ def test_lossless_mode_is_chosen_only_when_measured_faster(monkeypatch, selfspec
 
     import adaptive.evaluate as evaluate
     from adaptive.strategies import SelfSpeculative
-    from adaptive.tuner import PLAIN, _lossless_choice
+    from adaptive.ltt import PLAIN
+    from adaptive.tuner import _lossless_choice
 
     def fake_run(decoder, sample, strategy, **kwargs):
         tps = selfspec_tps if isinstance(strategy, SelfSpeculative) else 100.0

@@ -1,4 +1,4 @@
-"""One-pass sweep by replay (adaptive/tuner.py): packed greedy-prefix confidences equal per-prefix forwards, and
+"""One-pass sweep by replay (adaptive/replay.py): packed greedy-prefix confidences equal per-prefix forwards, and
 replayed ConfAdapt accept counts equal real rollouts up to the first divergence from greedy."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import rigged_tiny_model
 from adaptive.calibration import Calibrator
 from adaptive.decoder import MTPDecoder
 from adaptive.strategies import ConfAdapt, Static, top1_probability
-from adaptive.tuner import greedy_confidences, replay_steps
+from adaptive.replay import greedy_confidences, replay_steps
 
 N_NEW = 24
 # The rigged tiny model's confidences are ~1e-3 (random weights): thresholds on that scale give a mix of settings
