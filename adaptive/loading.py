@@ -85,3 +85,28 @@ def stop_ids(model, tokenizer) -> list[int]:
     from distill.export import stop_token_ids
 
     return stop_token_ids(model, tokenizer)
+
+
+def confidence_scorer(name_or_path: str, defaults: dict, *, tau_given: bool, calibrated: bool | None = None):
+    """ConfAdapt's confidence for this model: None (the paper's raw top-1 probability) or its saved calibrator.
+
+    tau means one thing per run, and the run says which: a tau typed on the command line is the raw top-1 probability
+    unless `calibrated` is True (--calibrated); a tau taken from the model's recorded defaults is on the scale recorded
+    with it (`mtp_tau_scale`, written by `mtp tune`); `calibrated` False (--no-calibration) is always raw. Asking for
+    the calibrated scale where no calibrator was saved is an error, not a silent fall-back to raw."""
+    from adaptive.calibration import load_calibrator
+    from distill.models import resolve_model_path
+
+    recorded = calibrated is None
+    if recorded:
+        calibrated = not tau_given and defaults.get("tau_scale") == "calibrated"
+    if not calibrated:
+        return None
+    calibrator = load_calibrator(resolve_model_path(name_or_path))
+    if calibrator is None:
+        fix = f"run `mtp calibrate --model {name_or_path}`"
+        if recorded:
+            raise UserError(f"{name_or_path}'s recorded tau {defaults['tau']:g} is on the calibrated scale, but it has "
+                            f"no saved calibrator; {fix}, or give --tau (the raw top-1 probability)")
+        raise UserError(f"--calibrated: {name_or_path} has no saved calibrator; {fix}")
+    return calibrator

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from adaptive.ltt import agreement_flags, binomial_pvalue, paired_counts, select
 from adaptive.replay import continue_rollouts, greedy_confidences, replay_steps, replayable
+from distill.decoding_defaults import record_decoding_defaults
 from distill.errors import UserError, check_fraction
 from distill.files import replace_atomically, write_text_atomically
 from distill.plots import pareto_plot
@@ -183,12 +184,13 @@ def read_generation_config(model_dir: Path):
         return GenerationConfig()  # e.g. a LoRA adapter directory: no config.json
 
 
-def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | None) -> Path:
-    """Set `mtp_strategy`, `mtp_k_max`, `mtp_tau` (None unless confadapt) in model_dir/generation_config.json,
-    atomically: confadapt with its tau and k_max, static with k_max 1 (plain decoding), or selfspec.
+def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | None, tau_scale: str = "raw") -> Path:
+    """Set `mtp_strategy`, `mtp_k_max`, `mtp_tau` and `mtp_tau_scale` (None unless confadapt) in
+    model_dir/generation_config.json, atomically: confadapt with its tau (on the scale it was tuned on) and k_max,
+    static with k_max 1 (plain decoding), or selfspec.
 
-    The same extra attributes `mtp export` writes (distill.export.mtp_generation_config) and `mtp generate` reads
-    (adaptive.loading.mtp_defaults); every other field of the file is kept.
+    The attributes of distill/decoding_defaults.py, which `mtp export` writes too and every decoder reads; every
+    other field of the file is kept.
     """
     from adaptive.strategies import make_strategy
 
@@ -199,12 +201,8 @@ def write_decoding_defaults(model_dir, strategy: str, k_max: int, tau: float | N
     if strategy == "static" and str(k_max) != "1":
         raise UserError("the tuner writes confadapt, selfspec or plain decoding (static k=1), not static k>1")
     gen = read_generation_config(model_dir)
-    # A config derived from config.json is flagged `_from_model_config`, and transformers then drops every extra
-    # attribute on reload (see distill.export.mtp_generation_config).
-    gen._from_model_config = False
-    gen.mtp_strategy = strategy
-    gen.mtp_k_max = k_max if isinstance(k_max, str) and k_max.startswith("auto") else int(k_max)
-    gen.mtp_tau = float(tau) if strategy == "confadapt" else None
+    record_decoding_defaults(gen, strategy=strategy, k_max=k_max, tau=tau if strategy == "confadapt" else None,
+                             tau_scale=tau_scale)
     target = model_dir / GENERATION_CONFIG
     mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
     return replace_atomically(target, lambda tmp: gen.to_json_file(tmp), mode=mode)
@@ -496,9 +494,11 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     print(choice_line(choice))
     print(f"wrote {report_path} and {plot_path}")
     if model_dir is not None:
-        path = write_decoding_defaults(model_dir, choice["strategy"], choice["k_max"], choice["tau"])
+        path = write_decoding_defaults(model_dir, choice["strategy"], choice["k_max"], choice["tau"],
+                                       tau_scale="raw" if scorer is None else "calibrated")
         print(f"wrote {path}: `mtp generate --model {model_dir}` now decodes with "
-              + (f"confadapt tau={choice['tau']:g} k_max={choice['k_max']}" if choice["strategy"] == "confadapt"
+              + (f"confadapt tau={choice['tau']:g} ({'raw' if scorer is None else 'calibrated'}) "
+                 f"k_max={choice['k_max']}" if choice["strategy"] == "confadapt"
                  else f"selfspec k_max={choice['k_max']} (lossless)" if choice["strategy"] == "selfspec"
                  else "plain decoding (static k=1)"))
     return report

@@ -21,7 +21,6 @@ level (adaptive/ltt.py `min_certifiable_n`) the command warns and runs anyway.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from adaptive.tuner import DEFAULT_MEASURE, DEFAULT_N, K_MAX_GRID, TAU_GRID, rea
 from distill.errors import UserError
 from distill.files import check_output_dir
 from distill.models import resolve_model_path
+from distill.decoding_defaults import check_tau
 from mtp_cli.args import Parser, at_least, check_fraction, number_list
 
 
@@ -170,8 +170,7 @@ def _check_args(args) -> tuple[list[float], list[int]]:
     check_fraction(args.delta, "--delta")
     taus = number_list(args.taus, "--taus", float)
     for tau in taus:
-        if math.isnan(tau) or not 0.0 < tau <= 1.0:
-            raise UserError(f"--taus: every tau must be in (0, 1], got {tau:g}")
+        check_tau(tau, "--taus: every tau")
     k_maxes = number_list(args.k_max, "--k-max", int)
     for k in k_maxes:
         if not 1 <= k <= MAX_K:
