@@ -3,7 +3,8 @@
 `load_mtp_model` resolves an alias, a model directory or a LoRA run's output (a mask-only adapter is attached and
 gated, distill/adapters.py) and refuses a model without a trained `<MTP>` unless asked to add an untrained one.
 `mtp_defaults` reads the decoding defaults `mtp export` / `mtp tune` recorded in generation_config.json (else the
-paper's: ConfAdapt, k_max 16, tau 0.9, §4.2). `stop_ids` is the one stop-token lookup.
+paper's: ConfAdapt, k_max 16, tau 0.9, §4.2). `stop_ids` is the one stop-token lookup. `load_model_calibrator` finds
+the confidence calibrator `mtp calibrate` saved beside a model given by alias or directory.
 """
 
 from __future__ import annotations
@@ -85,3 +86,11 @@ def stop_ids(model, tokenizer) -> list[int]:
     from distill.export import stop_token_ids
 
     return stop_token_ids(model, tokenizer)
+
+
+def load_model_calibrator(name_or_path: str):
+    """The calibrator saved beside the model by `mtp calibrate`, or None."""
+    from adaptive.calibration import load_calibrator
+    from distill.models import resolve_model_path
+
+    return load_calibrator(resolve_model_path(name_or_path))

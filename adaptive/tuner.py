@@ -859,7 +859,7 @@ def load_prompts(path, n: int | None = None) -> list[dict]:
 
 
 def _calibration_problems(args) -> tuple[list[dict], int]:
-    from adaptive.evaluate import load_problems
+    from adaptive.gsm8k import load_problems
 
     if args.prompts is not None:
         return load_prompts(args.prompts, args.n), 0
@@ -1011,7 +1011,8 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     exactly, so it needs no certificate, and it is the choice when it is measured faster than k=1 and than the chosen
     ConfAdapt setting. `mtp tune` and `mtp demo` both come through here.
     """
-    from adaptive.evaluate import STOP_STRINGS, encode_prompt, extract_answer, normalize_number, run_eval
+    from adaptive.evaluate import run_eval
+    from adaptive.gsm8k import STOP_STRINGS, encode_prompt, extract_answer, normalize_number
     from adaptive.strategies import Static
 
     if (target_drop is None) == (target_agreement is None):
