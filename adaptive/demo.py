@@ -239,7 +239,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from adaptive import calibration, evaluate, tuner
+    from adaptive import calibration, evaluate, gsm8k, tuner
     from adaptive.chunkview import write_html
     from adaptive.decoder import MTPDecoder
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
@@ -286,7 +286,7 @@ def main(argv: list[str]) -> int:
     if len(ds) < plan.held_out + 64:
         raise UserError(f"dataset {args.dataset} has {len(ds)} rows; the demo needs at least {plan.held_out + 64}")
     n_train = len(ds) - plan.held_out
-    tail = [{"question": q, "answer": evaluate.gold_answer(a)}
+    tail = [{"question": q, "answer": gsm8k.gold_answer(a)}
             for q, a in zip(ds["query"][n_train:], ds["response"][n_train:])]
     calib_q = [p["question"] for p in tail[: plan.n_calibrate]]
     tune_set = tail[plan.n_calibrate : plan.n_calibrate + plan.n_tune]

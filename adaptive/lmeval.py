@@ -1,12 +1,13 @@
 """lm-evaluation-harness adapter: `--model mtp` decodes with an MTP strategy (the paper's numbers come from lm-eval,
 §3.3; its fork adds MTP generation arguments to the HF backend, this is a model class instead).
 
-    python -m adaptive.lmeval --model mtp \
+    python -m mtp_cli.lmeval --model mtp \
         --model_args pretrained=DIR,strategy=confadapt,tau=0.9,k_max=16,max_gen_toks=256,batch_size=16 \
         --tasks path/to/task.yaml [--limit 100] [--output_path results/]
 
-`python -m adaptive.lmeval` is lm-eval's own command line with "mtp" registered; `--tasks` takes built-in task names,
-a task YAML or a directory of them (offline: point the YAML's dataset at local files, e.g. `dataset_path: json`).
+`python -m mtp_cli.lmeval` (mtp_cli/lmeval.py) is lm-eval's own command line with "mtp" registered, which importing
+this module does; `--tasks` takes built-in task names, a task YAML or a directory of them (offline: point the YAML's
+dataset at local files, e.g. `dataset_path: json`).
 
 * `generate_until`: requests are grouped by their generation arguments and decoded in batches by `MTPDecoder`; the
   task's `until` strings are stop strings (plus the EOS text, as lm-eval's HF backend does) and `max_gen_toks` the
@@ -37,7 +38,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from adaptive.loading import DTYPES, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, load_model_calibrator, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder
 from adaptive.metrics import acceptance_metrics, is_speculative
@@ -74,8 +75,6 @@ class MTPLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, dtype: str = "float32", calibration: bool = True,
                  device: str | None = None, max_length: int | None = None, max_batch_size=None):
         super().__init__()
-        from adaptive.evaluate import _load_calibrator
-
         if dtype not in DTYPES:
             raise UserError(f"mtp: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.pretrained = str(pretrained)
@@ -90,7 +89,7 @@ class MTPLM(TemplateLM):
         self.model = model.to(self._device)
         self.tokenizer = tokenizer
         self.decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
-        calibrator = _load_calibrator(self.pretrained) if calibration and isinstance(strategy, ConfAdapt) else None
+        calibrator = load_model_calibrator(self.pretrained) if calibration and isinstance(strategy, ConfAdapt) else None
         if calibrator is not None:
             strategy = ConfAdapt(strategy.tau, strategy.k_max, scorer=calibrator)
         self.strategy = strategy
@@ -242,21 +241,3 @@ class MTPLM(TemplateLM):
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """lm-eval's command line (`lm-eval run ...` arguments) with the "mtp" model registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["python -m adaptive.lmeval", *argv]  # lm-eval parses sys.argv itself
-    try:
-        cli_evaluate()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,8 @@
 `load_mtp_model` resolves an alias, a model directory or a LoRA run's output (a mask-only adapter is attached and
 gated, distill/adapters.py) and refuses a model without a trained `<MTP>` unless asked to add an untrained one.
 `mtp_defaults` reads the decoding defaults `mtp export` / `mtp tune` recorded in generation_config.json (else the
-paper's: ConfAdapt, k_max 16, tau 0.9, §4.2). `stop_ids` is the one stop-token lookup.
+paper's: ConfAdapt, k_max 16, tau 0.9, §4.2). `stop_ids` is the one stop-token lookup. `load_model_calibrator` finds
+the confidence calibrator `mtp calibrate` saved beside a model given by alias or directory.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def stop_ids(model, tokenizer) -> list[int]:
     return stop_token_ids(model, tokenizer)
 
 
+def load_model_calibrator(name_or_path: str):
+    """The calibrator saved beside the model by `mtp calibrate`, or None."""
+    from adaptive.calibration import load_calibrator
+    from distill.models import resolve_model_path
+
+    return load_calibrator(resolve_model_path(name_or_path))
+
+
 def confidence_scorer(name_or_path: str, defaults: dict, *, tau_given: bool, calibrated: bool | None = None):
     """ConfAdapt's confidence for this model: None (the paper's raw top-1 probability) or its saved calibrator.
 
@@ -94,15 +103,12 @@ def confidence_scorer(name_or_path: str, defaults: dict, *, tau_given: bool, cal
     unless `calibrated` is True (--calibrated); a tau taken from the model's recorded defaults is on the scale recorded
     with it (`mtp_tau_scale`, written by `mtp tune`); `calibrated` False (--no-calibration) is always raw. Asking for
     the calibrated scale where no calibrator was saved is an error, not a silent fall-back to raw."""
-    from adaptive.calibration import load_calibrator
-    from distill.models import resolve_model_path
-
     recorded = calibrated is None
     if recorded:
         calibrated = not tau_given and defaults.get("tau_scale") == "calibrated"
     if not calibrated:
         return None
-    calibrator = load_calibrator(resolve_model_path(name_or_path))
+    calibrator = load_model_calibrator(name_or_path)
     if calibrator is None:
         fix = f"run `mtp calibrate --model {name_or_path}`"
         if recorded:

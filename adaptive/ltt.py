@@ -11,7 +11,7 @@ Two targets, one machinery (Learn then Test, Angelopoulos, Bates, Candès, Jorda
     Conservative: improvements are not credited. The report also gives the plain drop (b - c) / n.
   * --target-agreement A (no labels needed: `--prompts P.jsonl`, one {"prompt": ...} or {"question": ...} per line).
     Loss l_i = 1[the setting disagrees with k=1 on problem i]: by default its final answer (GSM8K-style extraction,
-    adaptive.evaluate.extract_answer; two missing answers agree), with --agreement tokens:N its first N generated
+    adaptive.gsm8k.extract_answer; two missing answers agree), with --agreement tokens:N its first N generated
     tokens. H0_s: true agreement < A, i.e. E[l] > 1 - A; with d disagreements
         p_s = P(Binomial(n, 1 - A) <= d).
     A = 1 is accepted and can never be certified (p = 1): plain decoding is kept.

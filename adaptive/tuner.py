@@ -311,7 +311,8 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     exactly, so it needs no certificate, and it is the choice when it is measured faster than k=1 and than the chosen
     ConfAdapt setting. `mtp tune` and `mtp demo` both come through here.
     """
-    from adaptive.evaluate import STOP_STRINGS, encode_prompt, extract_answer, normalize_number, run_eval
+    from adaptive.evaluate import run_eval
+    from adaptive.gsm8k import STOP_STRINGS, encode_prompt, extract_answer, normalize_number
     from adaptive.strategies import Static
 
     if (target_drop is None) == (target_agreement is None):

@@ -29,14 +29,14 @@ COMMANDS = {
     "bench-train": ("mtp_cli.bench_train", "main", "MTP step time and LoRA memory vs plain SFT, measured side by side"),
     "export": ("mtp_cli.export", "main", "merge LoRA and save a plain safetensors HF directory"),
     "generate": ("mtp_cli.generate", "main", "generate with static / confadapt / selfspec decoding"),
-    "bench-decode": ("adaptive.bench", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt lookup, "
-                     "at each concurrency"),
+    "bench-decode": ("mtp_cli.bench_decode", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt "
+                     "lookup, at each concurrency"),
     "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
     "tune": ("mtp_cli.tune", "main", "pick tau / k_max for a certified accuracy drop or agreement with k=1, "
              "never slower than k=1 (Learn-then-Test)"),
-    "evaluate": ("adaptive.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
+    "evaluate": ("mtp_cli.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
     "demo": ("adaptive.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
-    "regenerate": ("adaptive.regenerate", "main", "the model's own greedy answers to a dataset's prompts (train data)"),
+    "regenerate": ("mtp_cli.regenerate", "main", "the model's own greedy answers to a dataset's prompts (train data)"),
 }
 
 

@@ -185,7 +185,7 @@ def _check_args(args) -> tuple[list[float], list[int]]:
 
 
 def _calibration_problems(args) -> tuple[list[dict], int]:
-    from adaptive.evaluate import load_problems
+    from adaptive.gsm8k import load_problems
 
     if args.prompts is not None:
         return load_prompts(args.prompts, args.n), 0

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from adaptive.bench import (COLLAPSE_ANCHORS, format_sweep, format_table, held_out_questions, parse_concurrency,
-                            prompt_count)
+from adaptive.bench import COLLAPSE_ANCHORS, format_sweep, format_table, held_out_questions
+from mtp_cli.bench_decode import parse_concurrency, prompt_count
 from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from adaptive.decoder import MTPDecoder
-from adaptive.evaluate import (COT_SUFFIX, STOP_STRINGS, build_prompt, extract_answer, gold_answer,
-                               load_problems, normalize_number, parse_strategies, run_eval)
+from adaptive.evaluate import parse_strategies, run_eval
+from adaptive.gsm8k import (COT_SUFFIX, STOP_STRINGS, build_prompt, extract_answer, gold_answer, load_problems,
+                            normalize_number)
 from adaptive.strategies import SelfSpeculative, Static
 from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
@@ -72,6 +73,71 @@ def test_extract_answer_table(text, expected):
     assert extract_answer(text) == expected
 
 
+# Model outputs for `mtp evaluate`'s default extraction, which must read exactly what lm-eval's gsm8k_cot
+# "flexible-extract" filter reads (including where the project's extraction reads something else).
+FLEXIBLE_OUTPUTS = [
+    "So there must have been 21 - 15 = 6. The answer is 6.",
+    "The answer is $1,234.50.",
+    "The answer is 12 apples and 3 pears.",  # the last number, not the first strict match
+    "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
+    "It drops by 4.\n#### -4\nThe next day it rains 7 mm.",
+    "She has $18.00 left.",
+    "The temperature falls to -12 degrees",
+    "In total 1,250 people came.",
+    "The total is 42...",  # lm-eval takes the dots with the number
+    "It costs $5. That's it...",  # and "..." alone
+    "Water is H2O",  # and a digit inside a word
+    "He had 07 apples",
+    "x = -0.5 or x = 3",
+    "$.",
+    "I don't know.",
+    "",
+]
+
+
+def _lm_eval_flexible_extract(texts: list[str]) -> list[str]:
+    """lm-eval's own filters, built from gsm8k-cot.yaml's "flexible-extract" pipeline as lm-eval's Task builds them,
+    applied in sequence as its FilterEnsemble applies them (one response per document)."""
+    from lm_eval.filters import build_filter_ensemble
+
+    import adaptive.gsm8k as gsm8k
+
+    (pipeline,) = [f["filter"] for f in gsm8k.gsm8k_cot_config()["filter_list"] if f["name"] == "flexible-extract"]
+    assert [step["function"] for step in pipeline] == ["regex", "take_first"]
+    assert pipeline[0]["group_select"] == -1 and pipeline[0]["regex_pattern"] == gsm8k.FLEXIBLE_PATTERN
+    components = [(step["function"], {k: v for k, v in step.items() if k != "function"}) for step in pipeline]
+    ensemble = build_filter_ensemble("flexible-extract", components)
+    responses = [[text] for text in texts]
+    for make_filter in ensemble.filters:
+        responses = make_filter().apply(responses, [{} for _ in texts])
+    return list(responses)
+
+
+def test_default_extraction_is_lm_evals_flexible_extract():
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    from adaptive.gsm8k import IGNORED_PATTERNS, answer_key, flexible_extract, gold_key, gsm8k_cot_config
+
+    theirs = _lm_eval_flexible_extract(FLEXIBLE_OUTPUTS)
+    assert len(theirs) == len(FLEXIBLE_OUTPUTS) and theirs.count("[invalid]") == 2
+    for text, expected in zip(FLEXIBLE_OUTPUTS, theirs):
+        assert flexible_extract(text) == (None if expected == "[invalid]" else expected), text
+    # the comparison with the gold is lm-eval's exact_match with gsm8k-cot.yaml's options
+    (metric,) = gsm8k_cot_config()["metric_list"]
+    assert tuple(metric["regexes_to_ignore"]) == IGNORED_PATTERNS and metric["ignore_case"]
+    options = {k: metric[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation")}
+    for gold_field in ("18 * 1 = 18\n#### 18", "#### 1,250", "#### -4", "#### 42", "#### 3", "#### 6"):  # GSM8K's
+        gold = gold_answer(gold_field)
+        for text, filtered in zip(FLEXIBLE_OUTPUTS, theirs):
+            reference = gold_field.split("####")[-1].strip()  # gsm8k-cot.yaml's doc_to_target
+            lm_eval_correct = exact_match_hf_evaluate([filtered], [reference], **options)["exact_match"] == 1.0
+            ours = answer_key(text, "flexible")
+            assert (ours is not None and ours == gold_key(gold, "flexible")) == lm_eval_correct, (text, gold_field)
+    assert answer_key("The answer is 12 apples and 3 pears.", "project") == "12"
+    with pytest.raises(UserError, match="extraction"):
+        answer_key("5", "strict")
+
+
 def test_normalize_number_and_gold_answer():
     for raw, expected in [("18.00", "18"), ("-3.50", "-3.5"), ("$1,234", "1234"), ("72.", "72"), ("-0.0", "0"),
                           (" 5 ", "5"), ("3.4.5", "3.4.5"), ("", None), ("$", None), ("-", None)]:
@@ -109,12 +175,12 @@ def test_cot8_prompt_is_lm_evals_gsm8k_cot_context(tmp_path):
     # the same context lm-eval itself builds for its gsm8k_cot task (its YAML, pointed at a local data file)
     from lm_eval.tasks import TaskManager
 
-    import adaptive.evaluate as evaluate
+    import adaptive.gsm8k as gsm8k
 
     data = _write_jsonl(tmp_path / "test.jsonl", [{"question": QUESTION, "answer": "3 + 4 = 7\n#### 7"}])
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "cot.yaml").write_text(
-        f"include: {evaluate._gsm8k_cot_path()}\ntask: gsm8k_cot_local\ndataset_path: json\ndataset_name: null\n"
+        f"include: {gsm8k.gsm8k_cot_path()}\ntask: gsm8k_cot_local\ndataset_path: json\ndataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n")
     task = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).load(["gsm8k_cot_local"])
     task = task["tasks"]["gsm8k_cot_local"]
@@ -228,6 +294,18 @@ def test_run_eval_arithmetic(numeric_decoder):
         run_eval(decoder, [], Static(3), **kwargs)
 
 
+def test_run_eval_flexible_extraction(numeric_decoder):
+    from adaptive.gsm8k import answer_key, gold_key
+
+    kwargs = dict(prompt_format="chat", max_new_tokens=7, batch_size=4, progress=False)
+    run = run_eval(numeric_decoder, PROBLEMS, Static(1), extract="flexible", **kwargs)
+    assert run.answers == [answer_key(r.text, "flexible") for r in run.results]
+    gold = [gold_key(p["answer"], "flexible") for p in PROBLEMS]
+    assert run.correct == [a is not None and a == g for a, g in zip(run.answers, gold)]
+    with pytest.raises(UserError, match="extraction"):
+        run_eval(numeric_decoder, PROBLEMS, Static(1), extract="strict", **kwargs)
+
+
 def test_run_eval_prompts_stops_and_on_step(numeric_decoder, monkeypatch):
     decoder = numeric_decoder
     tokenizer = decoder.tokenizer
@@ -293,7 +371,7 @@ def test_mtp_evaluate_end_to_end(tiny_model_dir, small_gsm8k, tmp_path, capsys):
 
 
 def test_mtp_evaluate_uses_a_fitted_calibrator(tiny_model_dir, small_gsm8k, tmp_path, capsys, monkeypatch):
-    import adaptive.evaluate as evaluate
+    import mtp_cli.evaluate as evaluate
 
     class Sure:  # a scorer that is certain of every position: ConfAdapt then accepts all k_max tokens
         method = "test"
@@ -301,7 +379,7 @@ def test_mtp_evaluate_uses_a_fitted_calibrator(tiny_model_dir, small_gsm8k, tmp_
         def __call__(self, logits):
             return torch.ones(logits.shape[:-1])
 
-    monkeypatch.setattr(evaluate, "_load_calibrator", lambda model: Sure())
+    monkeypatch.setattr(evaluate, "load_model_calibrator", lambda model: Sure())
     argv = ["--model", tiny_model_dir, "--dataset", str(small_gsm8k), "--limit", "2", "--max-new-tokens", "6",
             "--strategies", "static:3,confadapt:0.99:3", "--format", "chat"]
     rc, _, err = _evaluate(capsys, *argv, "--json", str(tmp_path / "cal.json"))
@@ -322,6 +400,7 @@ def test_mtp_evaluate_uses_a_fitted_calibrator(tiny_model_dir, small_gsm8k, tmp_
     (["--strategies", "static"], "static"),
     (["--strategies", "confadapt:1.5"], "tau"),
     (["--format", "fewshot"], "format"),
+    (["--extract", "strict"], "--extract"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--bogus"], "unrecognized"),
     (["--json", "/nonexistent/dir/report.json"], "--json"),

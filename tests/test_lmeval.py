@@ -16,9 +16,10 @@ from lm_eval.tasks import TaskManager
 
 from adaptive.loading import stop_ids
 from adaptive.decoder import MTPDecoder
-from adaptive.lmeval import MTPLM, main as lmeval_main
+from adaptive.lmeval import MTPLM
 from adaptive.strategies import Static
 from distill.errors import UserError
+from mtp_cli.lmeval import main as lmeval_main
 
 ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},

@@ -20,6 +20,7 @@ import pytest
 from adaptive import regenerate as regen
 from mtp_cli import main as cli
 from mtp_cli import train as train_command
+from mtp_cli.regenerate import main as regenerate_main
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("restore_environment")
@@ -56,15 +57,15 @@ def _kill_after_first_batch(done: int) -> None:
 
 def test_interrupted_run_resumes_without_duplicates(tiny_model_dir, prompts, tmp_path, capsys):
     whole = tmp_path / "whole.jsonl"
-    assert regen.main(_argv(tiny_model_dir, prompts, whole)) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, whole)) == 0
     assert "6 rows (6 decoded now, 0 resumed)" in capsys.readouterr().out
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(Killed):
-        regen.main(_argv(tiny_model_dir, prompts, out), on_batch=_kill_after_first_batch)
+        regenerate_main(_argv(tiny_model_dir, prompts, out), on_batch=_kill_after_first_batch)
     partial = Path(f"{out}.partial")
     assert not out.exists() and len(_rows(partial)) == 2
-    assert regen.main(_argv(tiny_model_dir, prompts, out)) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, out)) == 0
     assert "6 rows (4 decoded now, 2 resumed)" in capsys.readouterr().out
     assert not partial.exists() and not Path(f"{out}.partial.json").exists()
     assert out.read_bytes() == whole.read_bytes()
@@ -78,16 +79,16 @@ def test_interrupted_run_resumes_without_duplicates(tiny_model_dir, prompts, tmp
 
     # Run again: up to date, nothing is touched.
     before = _snapshot(tmp_path)
-    assert regen.main(_argv(tiny_model_dir, prompts, out)) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, out)) == 0
     assert "up to date" in capsys.readouterr().out
     assert _snapshot(tmp_path) == before
 
 
 def test_sigkill_after_a_batch_and_a_torn_line_resume_exactly(tiny_model_dir, prompts, tmp_path, capsys):
     whole = tmp_path / "whole.jsonl"
-    assert regen.main(_argv(tiny_model_dir, prompts, whole, "--start", "1", "--limit", "5")) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, whole, "--start", "1", "--limit", "5")) == 0
     out = tmp_path / "out.jsonl"
-    code = ("import os, signal, sys; from adaptive.regenerate import main; "
+    code = ("import os, signal, sys; from mtp_cli.regenerate import main; "
             "main(sys.argv[1:], on_batch=lambda done: os.kill(os.getpid(), signal.SIGKILL))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code, *_argv(tiny_model_dir, prompts, out, "--start", "1",
@@ -98,7 +99,7 @@ def test_sigkill_after_a_batch_and_a_torn_line_resume_exactly(tiny_model_dir, pr
     assert [r["row"] for r in _rows(partial)] == [1, 2]
     with open(partial, "a") as fh:  # a kill in the middle of the next batch's write
         fh.write('{"row": 3, "question": "Bet')
-    assert regen.main(_argv(tiny_model_dir, prompts, out, "--start", "1", "--limit", "5")) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, out, "--start", "1", "--limit", "5")) == 0
     assert "5 rows (3 decoded now, 2 resumed)" in capsys.readouterr().out
     assert out.read_bytes() == whole.read_bytes()
     assert [r["row"] for r in _rows(out)] == [1, 2, 3, 4, 5]
@@ -137,14 +138,14 @@ def test_bad_input_is_one_error_line_and_changes_nothing(tiny_model_dir, prompts
     _fails(_argv(tiny_model_dir, prompts, out, "--batch-size", "0"), capsys, tmp_path, "--batch-size must be >= 1")
 
     # A fingerprint mismatch: other settings, other prompts, or a partial run of other settings.
-    assert regen.main(_argv(tiny_model_dir, prompts, out, "--limit", "2")) == 0
+    assert regenerate_main(_argv(tiny_model_dir, prompts, out, "--limit", "2")) == 0
     _fails(_argv(tiny_model_dir, prompts, out, "--limit", "2", "--max-new-tokens", "7"), capsys, tmp_path,
            "different max_new_tokens")
     _fails(_argv(tiny_model_dir, prompts, out, "--limit", "2", "--start", "1"), capsys, tmp_path,
            "different prompts_sha256, start")
     other = tmp_path / "other.jsonl"
     with pytest.raises(Killed):
-        regen.main(_argv(tiny_model_dir, prompts, other, "--limit", "4"), on_batch=_kill_after_first_batch)
+        regenerate_main(_argv(tiny_model_dir, prompts, other, "--limit", "4"), on_batch=_kill_after_first_batch)
     _fails(_argv(tiny_model_dir, prompts, other, "--limit", "4", "--max-new-tokens", "5"), capsys, tmp_path,
            "unfinished run with a different max_new_tokens")
     edited = out.read_text().replace('"row": 0', '"row": 0 ', 1)
@@ -153,14 +154,14 @@ def test_bad_input_is_one_error_line_and_changes_nothing(tiny_model_dir, prompts
 
     # --overwrite replaces the file once the new one is complete.
     capsys.readouterr()
-    assert regen.main(_argv(tiny_model_dir, prompts, out, "--limit", "2", "--max-new-tokens", "7",
+    assert regenerate_main(_argv(tiny_model_dir, prompts, out, "--limit", "2", "--max-new-tokens", "7",
                             "--overwrite")) == 0
     assert json.loads(regen.fingerprint_path(out).read_text())["fingerprint"]["max_new_tokens"] == 7
 
 
 def test_the_output_trains_with_mtp_train(tiny_model_dir, prompts, tmp_path, capsys):
     data = tmp_path / "self.jsonl"
-    assert regen.main(["--model", tiny_model_dir, "--dataset", str(prompts), "--output", str(data),
+    assert regenerate_main(["--model", tiny_model_dir, "--dataset", str(prompts), "--output", str(data),
                        "--max-new-tokens", "48", "--batch-size", "3"]) == 0
     out = tmp_path / "run"
     argv = ["--config", str(REPO / "recipes" / "smollm2-cpu-full.yaml"), "--model_name_or_path", tiny_model_dir,
