@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import mtp_cli.main as cli
 from adaptive import regenerate as regen
-from distill import cli, trainer_cli
+from distill import trainer_cli
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("restore_environment")
