@@ -239,11 +239,15 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from adaptive import calibration, evaluate, gsm8k, tuner
+    from adaptive import evaluate, gsm8k, tuner
+    from adaptive.calibration import fit
+    from adaptive.calibration_data import collect
     from adaptive.chunkview import write_html
     from adaptive.decoder import MTPDecoder
+    from adaptive.metrics import calibration_metrics
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
     from distill.data import load_examples
+    from distill.plots import reliability_diagram
 
     parser = _Parser(prog="mtp demo", description="Distil the default model on GSM8K, calibrate its confidence, "
                      "tune tau for certified agreement with k=1 (never slower than k=1), and compare decoding "
@@ -329,14 +333,13 @@ def main(argv: list[str]) -> int:
     # 2. calibrate ------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     print(f"== 2/4 calibrating confidence on {len(calib_q)} held-out questions ==", flush=True)
-    samples, _ = calibration.collect(decoder, calib_q, max(k_maxes), max_new_tokens=plan.max_new_tokens,
-                                     progress=True)
-    calibrator = calibration.fit(samples, "temperature")
+    samples, _ = collect(decoder, calib_q, max(k_maxes), max_new_tokens=plan.max_new_tokens, progress=True)
+    calibrator = fit(samples, "temperature")
     calibrator.save(model_dir)
-    raw = calibration.calibration_metrics(samples.confidence, samples.correct)
+    raw = calibration_metrics(samples.confidence, samples.correct)
     calibrated_conf = calibrator.calibrate_samples(samples)
-    fitted = calibration.calibration_metrics(calibrated_conf, samples.correct)
-    reliability_png = calibration.reliability_diagram(out / "reliability.png", {
+    fitted = calibration_metrics(calibrated_conf, samples.correct)
+    reliability_png = reliability_diagram(out / "reliability.png", {
         "raw top-1 probability": (samples.confidence, samples.correct),
         "calibrated": (calibrated_conf, samples.correct)})
     print(f"{len(samples.correct)} draft tokens; ECE {raw['ece']:.3f} raw -> {fitted['ece']:.3f} calibrated "

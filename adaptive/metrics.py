@@ -20,12 +20,22 @@ The mapping onto vLLM (vllm/v1/spec_decode/metrics.py: `SpecDecodingStats`, `Spe
 
 The last forward of a row may commit fewer tokens than it read (the token budget or a stop ends the row); it counts
 as it was committed.
+
+Calibration metrics (`mtp calibrate`, adaptive/calibration.py): ECE (L1, equal-width bins, weighted by bin size), MCE
+(largest bin gap), Brier score, AUROC (how well the confidence ranks correct above wrong drafts; unchanged by a
+monotone map such as one temperature per position).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+
+import numpy as np
+
+from distill.errors import UserError
+
+N_BINS = 15  # reliability bins (the usual choice since Guo et al. 2017)
 
 
 def _drafts_verified(accepted: list[int], masks: list[int]) -> list[int]:
@@ -82,3 +92,48 @@ def acceptance_metrics(results: Iterable, *, speculative: bool = False, seconds:
 def is_speculative(strategy) -> bool:
     """True for the self-speculative strategy (its drafts are counted as verified, see the module docstring)."""
     return getattr(strategy, "name", None) == "selfspec"
+
+
+def _as_arrays(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    c = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    y = np.asarray(correct).reshape(-1).astype(bool)
+    if c.shape != y.shape:
+        raise UserError(f"confidence and correct differ in length ({len(c)} vs {len(y)})")
+    if not len(c):
+        raise UserError("no samples to score")
+    if not np.all(np.isfinite(c)) or c.min() < 0 or c.max() > 1:
+        raise UserError("confidences must be finite and in [0, 1]")
+    return c, y
+
+
+def reliability_bins(confidence, correct, n_bins: int = N_BINS) -> dict:
+    """Equal-width bins over [0, 1] (bin b holds b/n <= c < (b+1)/n; the last also c = 1): per-bin count, mean
+    confidence and accuracy (NaN for empty bins)."""
+    c, y = _as_arrays(confidence, correct)
+    index = np.minimum((c * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(index, weights=c, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=y, minlength=n_bins) / count
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count, "confidence": mean_conf, "accuracy": accuracy}
+
+
+def calibration_metrics(confidence, correct, n_bins: int = N_BINS) -> dict:
+    """ECE (sum over bins of |accuracy - confidence| weighted by the bin's share), MCE (largest such gap), Brier
+    score, AUROC (None with only one class), n, accuracy and mean confidence."""
+    from sklearn.metrics import roc_auc_score
+
+    c, y = _as_arrays(confidence, correct)
+    bins = reliability_bins(c, y, n_bins)
+    used = bins["count"] > 0
+    gap = np.abs(bins["accuracy"][used] - bins["confidence"][used])
+    hits = int(y.sum())
+    return {
+        "n": len(c),
+        "accuracy": hits / len(c),
+        "mean_confidence": float(c.mean()),
+        "ece": float((gap * bins["count"][used]).sum() / len(c)),
+        "mce": float(gap.max()),
+        "brier": float(np.mean((c - y) ** 2)),
+        "auroc": float(roc_auc_score(y, c)) if 0 < hits < len(c) else None,
+    }

@@ -12,6 +12,9 @@ serving debriefs' anchors as labelled markers (the paper authors' SGLang fork, j
 PHASE3D_DEBRIEF.md: ConfAdapt at 0.26x and EAGLE-3 at 1.39x of non-MTP throughput at concurrency 16): does a mode
 collapse as requests are batched together?
 
+reliability.png (`mtp calibrate`, `mtp demo`): bin accuracy against bin confidence of span-position confidences, raw
+and calibrated, against the diagonal, with the ECE of each curve (adaptive/metrics.py) and confidence histograms below.
+
 pareto.png (`mtp tune`, adaptive/tuner.py): accuracy, or agreement with k=1, against tokens per forward and against
 measured wall-clock tokens/s, one line per k_max over tau, certified settings filled, the choice starred and k=1 as
 the reference line: what each setting costs in quality for what it gains in speed.
@@ -24,6 +27,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from adaptive.metrics import N_BINS, calibration_metrics, reliability_bins
 from distill.errors import UserError
 from distill.files import replace_atomically
 
@@ -137,7 +143,6 @@ def pareto_plot(path, settings: list[dict], reference: dict, *, choice: dict | N
     line per k_max over tau (annotated), certified settings filled, the chosen one starred, k=1's speed as a vertical
     reference line (1 token/forward; its measured tok/s) and the target band shaded. PNG, written atomically."""
     import matplotlib
-    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,5 +196,45 @@ def pareto_plot(path, settings: list[dict], reference: dict, *, choice: dict | N
 
     try:
         return replace_atomically(Path(path), write)
+    finally:
+        plt.close(fig)
+
+
+def reliability_diagram(path, curves: dict, n_bins: int = N_BINS, title: str | None = None) -> Path:
+    """PNG: bin accuracy vs bin confidence per curve ({name: (confidence, correct)}) against the diagonal, ECE in the
+    legend; confidence histograms (log counts) below. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise UserError("reliability_diagram needs at least one curve")
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} is not a directory")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True, constrained_layout=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfectly calibrated")
+    colors = plt.cm.tab10(np.arange(len(curves)))
+    for color, (name, (conf, correct)) in zip(colors, curves.items()):
+        bins = reliability_bins(conf, correct, n_bins)
+        m = calibration_metrics(conf, correct, n_bins)
+        used = bins["count"] > 0
+        top.plot(bins["confidence"][used], bins["accuracy"][used], "o-", color=color, ms=5,
+                 label=f"{name} (ECE {m['ece']:.3f}, n={m['n']})")
+        bottom.hist(np.asarray(conf, dtype=np.float64), bins=bins["edges"], histtype="step", lw=1.5, color=color)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy (draft == greedy token)")
+    top.legend(fontsize=8, loc="upper left")
+    top.grid(alpha=0.3)
+    top.set_title(title or "reliability of span-position confidences (j >= 2)")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("drafts")
+    bottom.grid(alpha=0.3)
+    try:
+        return replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)

@@ -31,7 +31,7 @@ COMMANDS = {
     "generate": ("mtp_cli.generate", "main", "generate with static / confadapt / selfspec decoding"),
     "bench-decode": ("mtp_cli.bench_decode", "main", "wall-clock tokens/s of each strategy vs HF greedy and prompt "
                      "lookup, at each concurrency"),
-    "calibrate": ("adaptive.calibration", "main", "fit per-position confidence calibration; reliability diagram"),
+    "calibrate": ("mtp_cli.calibrate", "main", "fit per-position confidence calibration; reliability diagram"),
     "tune": ("mtp_cli.tune", "main", "pick tau / k_max for a certified accuracy drop or agreement with k=1, "
              "never slower than k=1 (Learn-then-Test)"),
     "evaluate": ("mtp_cli.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),

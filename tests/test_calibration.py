@@ -14,24 +14,20 @@ import torch
 from conftest import rigged_tiny_model
 from sklearn.metrics import roc_auc_score
 
-from adaptive.calibration import (
-    CALIBRATION_FILE,
+from adaptive.calibration import CALIBRATION_FILE, Calibrator, _interp, fit, load_calibrator
+from adaptive.calibration_data import (
     TEMPERATURE_GRID,
     CalibrationSamples,
-    Calibrator,
     ConfidenceCollector,
-    _interp,
-    calibration_metrics,
     collect,
-    fit,
-    load_calibrator,
-    reliability_diagram,
     split_by_prompt,
 )
 from adaptive.decoder import MTPDecoder
+from adaptive.metrics import calibration_metrics
 from adaptive.strategies import ConfAdapt, Static, top1_probability
 from mtp_cli.main import main as mtp_main
 from distill.errors import UserError
+from distill.plots import reliability_diagram
 
 TRUE_T = {2: 0.6, 3: 1.7}  # known miscalibration: under-confident at j = 2, over-confident at j = 3
 

@@ -173,7 +173,8 @@ def test_the_output_trains_with_mtp_train(tiny_model_dir, prompts, tmp_path, cap
 
 
 def test_held_out_tail_covers_tune_calibrate_and_demo():
-    from adaptive import calibration, tuner
+    from adaptive import tuner
+    from mtp_cli import calibrate as calibration
     from adaptive.demo import Plan
 
     assert regen.HELD_OUT_TAIL >= max(tuner.DEFAULT_N, calibration.DEFAULT_N, Plan.for_minutes(24 * 60).held_out)
