@@ -372,8 +372,8 @@ class MTPDecoder:
     def _prefill(self, batch: _Batch, K: int) -> torch.Tensor:
         """First forward (§4.1 step 1: prompt ⊕ K masks), in groups of similar prompt length: one long prompt must
         not make every short one pay for its left padding (prefill is most of the work on CPU). The group caches are
-        then left-padded to one width (pad columns masked) and stacked into the batch cache; the rows' order in it
-        becomes `batch.active`. Returns the logits read."""
+        then left-padded to one width (pad columns masked) and stacked into the batch cache, every group's K mask
+        columns last, for `_commit` to crop; the rows' order in it becomes `batch.active`. Returns the logits read."""
         batch.active, logits, batch.cache, batch.attn = self._prefill_groups(batch.rows, K)
         return logits
 
