@@ -131,7 +131,8 @@ def split_by_prompt(samples: CalibrationSamples, fraction: float = 0.5, seed: in
 # Collection during a self-speculative run
 # ---------------------------------------------------------------------------------------------------------------------
 class ConfidenceCollector:
-    """`decoder.on_step = ConfidenceCollector(k_max)` during a `SelfSpeculative(k_max)` run; then `.samples()`.
+    """`decoder.generate(..., SelfSpeculative(k_max), on_step=collector)` with `collector = ConfidenceCollector(k_max)`,
+    then `collector.samples()`.
 
     Keeps, per row, the mask logits of its last forward. When the next forward feeds drafts, they are those masks'
     argmaxes: the confidence statistics come from the stored mask logits, the labels from this forward's greedy
@@ -190,40 +191,36 @@ class ConfidenceCollector:
 
 
 def collect(decoder, prompts: list[str] | list[list[int]], k_max: int, *, max_new_tokens: int = 256,
-            chat_template: bool = True, batch_size: int = 16, progress: bool = False
+            chat_template: bool = True, batch_size: int = 16, progress: bool = False, on_step=None
             ) -> tuple[CalibrationSamples, list]:
     """Decode `prompts` with SelfSpeculative(k_max) while collecting (position, confidence, correct) samples.
 
     Returns (samples, results); the results are exactly greedy decoding (self-speculative is lossless), so callers can
     reuse them as the k=1 reference. Text prompts go through `generate_text` (chat template unless told otherwise);
-    token-id lists are decoded as they are. An `on_step` hook already set on the decoder keeps running.
+    token-id lists are decoded as they are. `on_step`: another hook, also called with every step's trace.
     """
     collector = ConfidenceCollector(k_max)
     strategy = SelfSpeculative(k_max)
-    previous = decoder.on_step
 
-    def on_step(trace):
+    def hook(trace):
         collector(trace)
-        if previous is not None:
-            previous(trace)
+        if on_step is not None:
+            on_step(trace)
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    decoder.on_step = on_step
-    try:
-        if all(isinstance(p, str) for p in prompts):
-            results = decoder.generate_text(prompts, strategy, max_new_tokens=max_new_tokens,
-                                            chat_template=chat_template, batch_size=batch_size, progress=progress)
-        elif all(isinstance(p, (list, tuple)) for p in prompts):
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-            results = []
-            with tqdm(total=len(prompts), desc=f"collect {strategy.name}", unit="prompt", disable=not progress) as bar:
-                for start in range(0, len(prompts), batch_size):
-                    chunk = prompts[start : start + batch_size]
-                    results += decoder.generate(chunk, strategy, max_new_tokens=max_new_tokens)
-                    bar.update(len(chunk))
-        else:
-            raise UserError("prompts must be all strings or all token-id lists")
-    finally:
-        decoder.on_step = previous
+    if all(isinstance(p, str) for p in prompts):
+        results = decoder.generate_text(prompts, strategy, max_new_tokens=max_new_tokens,
+                                        chat_template=chat_template, batch_size=batch_size, progress=progress,
+                                        on_step=hook)
+    elif all(isinstance(p, (list, tuple)) for p in prompts):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        results = []
+        with tqdm(total=len(prompts), desc=f"collect {strategy.name}", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                results += decoder.generate(chunk, strategy, max_new_tokens=max_new_tokens, on_step=hook)
+                bar.update(len(chunk))
+    else:
+        raise UserError("prompts must be all strings or all token-id lists")
     return collector.samples(), results

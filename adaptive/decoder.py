@@ -21,12 +21,24 @@ last verified token and the drafts are the previous step's mask argmaxes. The lo
 d_i gives g_{i+1}: the model's own greedy predictions. The longest prefix with d_i == g_i is accepted plus the bonus
 g_{j+1}, so the output is greedy decoding exactly. Only a and the accepted drafts keep their KV; rejected drafts
 become attention-mask holes. If every draft was accepted, the masks were conditioned on the right tokens and their
-argmaxes are the next drafts; otherwise the next step has none.
+argmaxes are the next drafts; otherwise the next step has none. `SelfSpeculative.accept` makes this decision; the
+decoder commits it.
 
 Span control (`k_max="auto"`, adaptive/controller.py). Every forward above appends k_max − 1 masks. With an auto
 strategy the number of masks K is chosen before each forward (0 … k_max − 1, one K for the batch) from the measured
 forward cost and the acceptance observed so far; K = 0 is plain next-token decoding. Everything above holds with the
 step's K in place of k_max − 1: ConfAdapt reads K + 1 positions, self-speculative proposes K drafts.
+
+Phases (adaptive/strategies.py `Strategy` is all the loop asks of a strategy; no per-strategy branches). `_generate`
+is a short loop over one step's phases:
+  masks    K for this forward: k_max − 1, or the span controller's choice under k_max auto;
+  forward  `_prefill` at step 0 (groups of similar prompt length, caches stacked), `_forward_step` after; the
+           `on_step` hook of `generate` sees the step's `StepTrace`;
+  accept   the strategy decides per row (`Strategy.accept`): tokens taken, pending tokens whose KV is kept, the next
+           pending tokens and drafts; the span controller observes the decision;
+  commit   crop the mask KV, mask rejected drafts, advance each row, append its tokens (budget, stop tokens, stop
+           strings: `_extend`);
+  retire   finished rows leave the batch and columns nobody attends to are dropped.
 
 Context. A prompt plus max_new_tokens plus the k_max - 1 mask positions must fit the model's
 `max_position_embeddings`; anything longer is refused before the first forward, never truncated silently.
@@ -51,7 +63,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adaptive.controller import ForwardCost, SpanController
-from adaptive.strategies import SelfSpeculative
+from adaptive.strategies import Accepted, Strategy
 from distill.errors import UserError
 from distill.tokens import get_mtp_token_id
 
@@ -79,7 +91,7 @@ class GenerationResult:
 
 @dataclass
 class StepTrace:
-    """One forward pass as each row saw it; passed to `MTPDecoder.on_step` (KV-protocol checks, debugging).
+    """One forward pass as each row saw it; passed to the `on_step` hook of `MTPDecoder.generate`.
 
     For row b, a plain causal forward over context_ids[b] + query_ids[b] with no cache must give `logits[b]` at the
     last `logits[b].shape[0]` positions: that is the whole KV protocol in one sentence.
@@ -108,6 +120,29 @@ class _Row:
     finished_at: float = 0.0
 
 
+@dataclass
+class _Batch:
+    """Decoding state of one `generate` call. The cache has one row per `active` entry, in that order."""
+
+    rows: list[_Row]
+    active: list[int]  # indices into `rows` still decoding; the order is fixed by the prefill
+    strategy: Strategy
+    controller: SpanController | None  # k_max auto only
+    max_new_tokens: int
+    stop_strings: list[str]
+    cache: DynamicCache | None = None
+    attn: torch.Tensor | None = None  # [len(active), cache columns]: 1 where a row may attend
+    step: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    prefill_seconds: float = 0.0
+    now: float = 0.0  # when this step's forward (and the on_step hook) ended
+
+    def clock(self) -> None:
+        self.now = time.perf_counter()
+        if self.step == 0:
+            self.prefill_seconds = self.now - self.start
+
+
 class MTPDecoder:
     def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, mask_token_id: int | None = None,
                  forward_cost=None):
@@ -125,8 +160,6 @@ class MTPDecoder:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.stop_token_ids or [0])[0]
         self.pad_token_id = int(pad)  # only fills attention-mask holes, so any valid id does
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # Optional hook called with a StepTrace after every forward; None in normal use.
-        self.on_step: Callable[[StepTrace], None] | None = None
         # c(q, b) in seconds for k_max="auto": measured on first use (adaptive/controller.py) unless given.
         self._forward_cost = forward_cost
         # What the span controller learned per strategy (its label), carried from one generate call to the next:
@@ -140,16 +173,19 @@ class MTPDecoder:
         return self._forward_cost
 
     # ----------------------------------------------------------------------------------------------------------------
-    def generate(self, input_ids: list[list[int]], strategy, max_new_tokens: int = 256,
-                 stop_strings: list[str] | None = None) -> list[GenerationResult]:
+    def generate(self, input_ids: list[list[int]], strategy: Strategy, max_new_tokens: int = 256,
+                 stop_strings: list[str] | None = None,
+                 on_step: Callable[[StepTrace], None] | None = None) -> list[GenerationResult]:
         """Decode every row of `input_ids` (token ids, no padding, any lengths) as one batch.
 
         `stop_strings`: a row also finishes ("stop") once its generated text contains one of them (empty strings are
-        ignored, as lm-eval does)."""
+        ignored, as lm-eval does). `on_step`: called with a `StepTrace` after every forward (KV-protocol checks,
+        calibration samples, debugging)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         k_max = getattr(strategy, "k_max", None)
-        if not isinstance(k_max, int) or k_max < 1 or not hasattr(strategy, "name"):
+        if (not isinstance(k_max, int) or k_max < 1 or not hasattr(strategy, "name")
+                or not hasattr(strategy, "accept")):
             raise UserError(f"not a decoding strategy: {strategy!r} (use adaptive.strategies.make_strategy)")
         stop_strings = _check_stop_strings(stop_strings)
         rows = [list(map(int, ids)) for ids in input_ids]
@@ -165,14 +201,16 @@ class MTPDecoder:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self._generate(rows, strategy, max_new_tokens, stop_strings)
+                return self._generate(rows, strategy, max_new_tokens, stop_strings, on_step)
         finally:
             self.model.train(was_training)
 
-    def generate_text(self, prompts: list[str], strategy, max_new_tokens: int = 256, chat_template: bool = True,
-                      batch_size: int = 16, progress: bool = False,
-                      stop_strings: list[str] | None = None) -> list[GenerationResult]:
-        """Tokenize (as one user turn of the chat template, or as-is), decode in batches, return results in order."""
+    def generate_text(self, prompts: list[str], strategy: Strategy, max_new_tokens: int = 256,
+                      chat_template: bool = True, batch_size: int = 16, progress: bool = False,
+                      stop_strings: list[str] | None = None,
+                      on_step: Callable[[StepTrace], None] | None = None) -> list[GenerationResult]:
+        """Tokenize (as one user turn of the chat template, or as-is), decode in batches, return results in order.
+        `stop_strings`, `on_step`: as for `generate`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(prompts, str):
@@ -184,7 +222,8 @@ class MTPDecoder:
         with tqdm(total=len(prompts), desc=f"generate {strategy.name}", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                batch = self.generate([encoded[i] for i in chunk], strategy, max_new_tokens, stop_strings)
+                batch = self.generate([encoded[i] for i in chunk], strategy, max_new_tokens, stop_strings,
+                                      on_step=on_step)
                 for i, result in zip(chunk, batch):
                     result.prompt = prompts[i]
                     results[i] = result
@@ -206,103 +245,113 @@ class MTPDecoder:
             raise UserError("cannot decode an empty prompt")
         return list(ids)
 
-    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int,
-                  stop_strings: list[str]) -> list[GenerationResult]:
-        speculative = isinstance(strategy, SelfSpeculative)
-        n_max = strategy.k_max - 1
+    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int, stop_strings: list[str],
+                  on_step: Callable[[StepTrace], None] | None) -> list[GenerationResult]:
+        batch = self._start(prompts, strategy, max_new_tokens, stop_strings)
+        while batch.active:
+            masks = self._masks(batch)
+            columns = batch.attn.shape[1] if batch.step else 0  # cache width before this forward
+            logits = self._prefill(batch, masks) if batch.step == 0 else self._forward_step(batch, masks)
+            if on_step is not None:
+                on_step(self._trace(batch, logits, masks, columns))
+            batch.clock()
+            self._commit(batch, self._accept(batch, logits, masks), masks)
+            self._retire(batch)
+        if batch.controller is not None:
+            self._span_memory[strategy.label] = batch.controller.state()
+        return [self._result(r, batch.start + batch.prefill_seconds, batch.prefill_seconds, stop_strings)
+                for r in batch.rows]
+
+    # ---- phases of one step: masks, forward (prefill at step 0), accept, commit, retire ------------------------------
+    def _start(self, prompts: list[list[int]], strategy, max_new_tokens: int, stop_strings: list[str]) -> _Batch:
+        """Every prompt pending in full (prefill), and for k_max auto the span controller, resuming what this decoder
+        learned for the strategy in earlier calls."""
         controller = None
-        if getattr(strategy, "auto", False):
+        if strategy.auto:
             if hasattr(self.forward_cost, "prepare"):
                 self.forward_cost.prepare(len(prompts))
-            controller = SpanController(n_max, self.forward_cost, speculative=speculative)
+            controller = SpanController(strategy.k_max - 1, self.forward_cost, speculative=strategy.speculative)
             controller.restore(self._span_memory.get(strategy.label))
-        stops = set(self.stop_token_ids)
-        rows = [_Row(tokens=list(p), pending=list(p)) for p in prompts]
-        active = list(range(len(rows)))
-        start = time.perf_counter()
-        prefill_seconds = 0.0
-        step = 0
-        while True:
-            K = n_max  # masks appended to this forward
-            if controller is not None:
-                K = controller.choose(max(len(rows[i].pending) for i in active), len(active),
-                                      [rows[i].drafts for i in active])
-            if step == 0:  # prefill (§4.1 step 1): prompt ⊕ K masks; fixes the batch order `active`
-                active, logits, cache, attn = self._prefill(rows, K)
-                columns = 0
-            else:
-                columns = attn.shape[1]
-                logits, cache, attn = self._forward(rows, active, cache, attn, K)
-            n_keep = logits.shape[1]
-            if self.on_step is not None:
-                self.on_step(self._trace(step, active, rows, logits, K, columns))
+        return _Batch(rows=[_Row(tokens=list(p), pending=list(p)) for p in prompts], active=list(range(len(prompts))),
+                      strategy=strategy, controller=controller, max_new_tokens=max_new_tokens,
+                      stop_strings=stop_strings)
 
-            # ---- accept: per-row span from the strategy, or draft verification --------------------------------------
-            preds = logits.argmax(dim=-1).tolist()
-            counts = None if speculative else strategy.accept_counts(logits[:, -(K + 1) :]).tolist()
-            observed = []  # (mask positions kept, mask positions read) per row, for the controller
-            now = time.perf_counter()
-            if step == 0:
-                prefill_seconds = now - start
-            for b, i in enumerate(active):
-                r = rows[i]
-                if speculative:
-                    nd = r.drafts
-                    greedy = preds[b][n_keep - K - 1 - nd : n_keep - K]  # g_1 .. g_{nd+1}
-                    drafts = r.pending[len(r.pending) - nd :]
-                    j = SelfSpeculative.verify(drafts, greedy)
-                    observed.append((j, nd))
-                    emitted = drafts[:j] + [greedy[j]]
-                    if nd - j:  # rejected drafts: their KV stays in the cache but nobody may attend to it
-                        attn[b, attn.shape[1] - (nd - j) :] = 0
-                    r.position += len(r.pending) - (nd - j)
-                    next_drafts = preds[b][n_keep - K :] if j == nd else []
-                    r.pending, r.drafts = [greedy[j]] + next_drafts, len(next_drafts)
-                else:
-                    emitted = preds[b][n_keep - K - 1 : n_keep - K - 1 + counts[b]]
-                    observed.append((counts[b] - 1, K))
-                    r.position += len(r.pending)
-                    r.pending = emitted
-                # never exceed the budget; stop at (and keep) the first stop token
-                emitted = emitted[: max_new_tokens - len(r.generated)]
-                cut = next((t + 1 for t, tok in enumerate(emitted) if tok in stops), None)
-                if stop_strings:  # a stop string completed before any stop token ends the row there
-                    hit = self._stop_string_end(r.generated, emitted[:cut], stop_strings)
-                    cut = hit if hit is not None else cut
-                if cut is not None:
-                    emitted = emitted[:cut]
-                    r.finish_reason = "stop"
-                elif len(r.generated) + len(emitted) >= max_new_tokens:
-                    r.finish_reason = "length"
-                r.generated += emitted
-                r.tokens += emitted
-                r.accepted_per_step.append(len(emitted))
-                r.masks_per_step.append(K)
-                if r.finish_reason:
-                    r.finished_at = now
-            if controller is not None:
-                controller.observe(observed)
-            step += 1
+    @staticmethod
+    def _masks(batch: _Batch) -> int:
+        """K, the masks of this forward (one K for the batch): k_max − 1, or under k_max auto the span controller's
+        choice from the longest pending segment, the number of rows and each row's drafts."""
+        if batch.controller is None:
+            return batch.strategy.k_max - 1
+        rows = [batch.rows[i] for i in batch.active]
+        return batch.controller.choose(max(len(r.pending) for r in rows), len(rows), [r.drafts for r in rows])
 
-            # ---- finished rows leave the batch; columns nobody attends to any more are dropped ---------------------
-            # (holes shared by every remaining row: pads of rows that left, drafts rejected by a lone row)
-            keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None]
-            if len(keep) < len(active):
-                active = [active[b] for b in keep]
-                if not active:
-                    break
-                index = torch.tensor(keep, device=attn.device)
-                cache.batch_select_indices(index)
-                attn = attn.index_select(0, index)
-            attn = _drop_unused_columns(cache, attn)
+    def _forward_step(self, batch: _Batch, masks: int) -> torch.Tensor:
+        """A decoding forward (§4.1 step 2) over the batch cache; returns the logits read."""
+        logits, batch.cache, batch.attn = self._forward(batch.rows, batch.active, batch.cache, batch.attn, masks)
+        return logits
 
-        if controller is not None:
-            self._span_memory[strategy.label] = controller.state()
-        return [self._result(r, start + prefill_seconds, prefill_seconds, stop_strings) for r in rows]
+    def _accept(self, batch: _Batch, logits: torch.Tensor, masks: int) -> list[Accepted]:
+        """The strategy decides what each row takes from this forward; the span controller learns from it."""
+        rows = [batch.rows[i] for i in batch.active]
+        accepted = batch.strategy.accept(logits, [r.pending for r in rows], [r.drafts for r in rows], masks)
+        if batch.controller is not None:
+            batch.controller.observe([(a.run, a.read) for a in accepted])
+        return accepted
 
+    def _commit(self, batch: _Batch, accepted: list[Accepted], masks: int) -> None:
+        """Mask KV never persists (§4.1 step 2): crop it. Rejected drafts keep their KV, but nobody may attend to it
+        any more. Every row advances past its committed tokens and takes its accepted tokens as text."""
+        if masks:
+            batch.cache.crop(-masks)
+        for b, (i, a) in enumerate(zip(batch.active, accepted)):
+            r = batch.rows[i]
+            rejected = len(r.pending) - a.committed
+            if rejected:
+                batch.attn[b, batch.attn.shape[1] - rejected :] = 0
+            r.position += a.committed
+            r.pending, r.drafts = a.pending, a.drafts
+            self._extend(batch, r, a.tokens, masks)
+        batch.step += 1
+
+    def _extend(self, batch: _Batch, r: _Row, tokens: list[int], masks: int) -> None:
+        """Append a step's tokens to a row's text: never past the budget, and up to (and including) the first stop
+        token or the token completing the first stop string, either of which finishes the row."""
+        tokens = tokens[: batch.max_new_tokens - len(r.generated)]
+        cut = next((t + 1 for t, tok in enumerate(tokens) if tok in self.stop_token_ids), None)
+        if batch.stop_strings:  # a stop string completed before any stop token ends the row there
+            hit = self._stop_string_end(r.generated, tokens[:cut], batch.stop_strings)
+            cut = hit if hit is not None else cut
+        if cut is not None:
+            tokens = tokens[:cut]
+            r.finish_reason = "stop"
+        elif len(r.generated) + len(tokens) >= batch.max_new_tokens:
+            r.finish_reason = "length"
+        r.generated += tokens
+        r.tokens += tokens
+        r.accepted_per_step.append(len(tokens))
+        r.masks_per_step.append(masks)
+        if r.finish_reason:
+            r.finished_at = batch.now
+
+    @staticmethod
+    def _retire(batch: _Batch) -> None:
+        """Finished rows leave the batch; cache columns nobody attends to any more are dropped (holes shared by every
+        remaining row: pads of rows that left, drafts rejected by a lone row)."""
+        keep = [b for b, i in enumerate(batch.active) if batch.rows[i].finish_reason is None]
+        if len(keep) < len(batch.active):
+            batch.active = [batch.active[b] for b in keep]
+            if not batch.active:
+                return
+            index = torch.tensor(keep, device=batch.attn.device)
+            batch.cache.batch_select_indices(index)
+            batch.attn = batch.attn.index_select(0, index)
+        batch.attn = _drop_unused_columns(batch.cache, batch.attn)
+
+    # ---- forwards ----------------------------------------------------------------------------------------------------
     def _forward(self, rows: list[_Row], active: list[int], cache, attn: torch.Tensor, K: int):
         """One forward: each row's pending segment left-padded to the batch maximum L, then K masks in shared final
-        columns. Returns logits at the last n_keep columns, the cache with the mask KV cropped, and the grown mask."""
+        columns. Returns logits at the last n_keep columns, the cache (its last K columns the masks' KV, which
+        `_commit` crops) and the attention mask grown by the pending columns."""
         device = self.model.device
         L = max(len(rows[i].pending) for i in active)
         n_keep = 1 + max(rows[i].drafts for i in active) + K  # last pending token (+ drafts to verify) + masks
@@ -318,15 +367,17 @@ class MTPDecoder:
         out = self.model(input_ids=torch.tensor(ids, device=device), position_ids=torch.tensor(pos, device=device),
                          attention_mask=torch.cat([attn, valid_t], dim=1), past_key_values=cache, use_cache=True,
                          **kwargs)
-        cache = out.past_key_values
-        if K:
-            cache.crop(-K)  # mask KV never persists (§4.1 step 2)
-        return out.logits[:, -n_keep:], cache, torch.cat([attn, valid_t[:, :L]], dim=1)
+        return out.logits[:, -n_keep:], out.past_key_values, torch.cat([attn, valid_t[:, :L]], dim=1)
 
-    def _prefill(self, rows: list[_Row], K: int):
-        """First forward, in groups of similar prompt length: one long prompt must not make every short one pay for
-        its left padding (prefill is most of the work on CPU). The group caches are then left-padded to one width
-        (pad columns masked) and stacked into the batch cache. Returns (active, logits, cache, attn)."""
+    def _prefill(self, batch: _Batch, K: int) -> torch.Tensor:
+        """First forward (§4.1 step 1: prompt ⊕ K masks), in groups of similar prompt length: one long prompt must
+        not make every short one pay for its left padding (prefill is most of the work on CPU). The group caches are
+        then left-padded to one width (pad columns masked) and stacked into the batch cache, every group's K mask
+        columns last, for `_commit` to crop; the rows' order in it becomes `batch.active`. Returns the logits read."""
+        batch.active, logits, batch.cache, batch.attn = self._prefill_groups(batch.rows, K)
+        return logits
+
+    def _prefill_groups(self, rows: list[_Row], K: int):
         device = self.model.device
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].pending))
         groups = [[order[0]]]
@@ -357,11 +408,11 @@ class MTPDecoder:
         attn = torch.cat([torch.nn.functional.pad(attn, (width - attn.shape[1], 0)) for _, _, attn in parts])
         return order, torch.cat([logits for logits, _, _ in parts]), merged, attn
 
-    def _trace(self, step: int, active: list[int], rows: list[_Row], logits: torch.Tensor, K: int,
-               columns: int) -> StepTrace:
+    def _trace(self, batch: _Batch, logits: torch.Tensor, K: int, columns: int) -> StepTrace:
+        rows, active = batch.rows, batch.active
         n_keep = logits.shape[1]
         return StepTrace(
-            step=step,
+            step=batch.step,
             rows=list(active),
             context_ids=[rows[i].tokens[: rows[i].position] for i in active],
             query_ids=[rows[i].pending + [self.mask_token_id] * K for i in active],

@@ -51,8 +51,8 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     """Decode every problem with `strategy` (batches of similar prompt length), extract answers and score them.
 
     `extract`: "project" or "flexible" (lm-eval's flexible-extract and exact_match), adaptive/gsm8k.py; the reference
-    run must have used the same. `on_step` is installed as `decoder.on_step` for this run only (e.g. a calibration
-    collector)."""
+    run must have used the same. `on_step`: passed to every `decoder.generate` call of this run (e.g. a
+    calibration collector)."""
     from tqdm.auto import tqdm
 
     if not problems:
@@ -71,24 +71,18 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     if getattr(strategy, "auto", False):  # the one-time forward-cost measurement stays out of the timed decode
         decoder.forward_cost.prepare(min(batch_size, len(problems)))
     seconds = 0.0
-    previous = decoder.on_step
-    if on_step is not None:
-        decoder.on_step = on_step
-    try:
-        with tqdm(total=len(problems), desc=f"evaluate {strategy.label}", unit="problem", disable=not progress,
-                  file=sys.stderr) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                began = time.perf_counter()
-                batch = decoder.generate([prompts[i] for i in chunk], strategy, max_new_tokens,
-                                         stop_strings=stop_strings)
-                seconds += time.perf_counter() - began
-                for i, result in zip(chunk, batch):
-                    result.prompt = problems[i]["question"]
-                    results[i] = result
-                bar.update(len(chunk))
-    finally:
-        decoder.on_step = previous
+    with tqdm(total=len(problems), desc=f"evaluate {strategy.label}", unit="problem", disable=not progress,
+              file=sys.stderr) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            began = time.perf_counter()
+            batch = decoder.generate([prompts[i] for i in chunk], strategy, max_new_tokens,
+                                     stop_strings=stop_strings, on_step=on_step)
+            seconds += time.perf_counter() - began
+            for i, result in zip(chunk, batch):
+                result.prompt = problems[i]["question"]
+                results[i] = result
+            bar.update(len(chunk))
 
     answers = [answer_key(r.text, extract) for r in results]
     gold = [gold_key(str(p["answer"]), extract) for p in problems]

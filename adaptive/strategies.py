@@ -8,8 +8,12 @@ next-token prediction) followed by one per `<MTP>` mask. A strategy turns those 
   (paper §4.2, the paper's default readout).
 * `SelfSpeculative(k_max)`: the mask predictions are only *drafts*; the next forward checks them against the model's
   own next-token predictions and keeps the matching prefix, so the output equals greedy decoding exactly (the paper's
-  future-work item iii, §6.1). The verification itself lives in the decoder because it is tied to the KV protocol;
-  this file only states the rule (`SelfSpeculative.verify`).
+  future-work item iii, §6.1). The strategy decides which drafts are kept (`SelfSpeculative.verify`); the decoder
+  commits that decision to the KV cache (rejected drafts become attention-mask holes).
+
+`Strategy` is what the decode loop of adaptive/decoder.py asks of all three: its k_max, whether k_max is auto,
+whether it feeds drafts to be verified, and, given one forward's logits, what each row accepts (`Accepted`). The loop
+itself has no per-strategy branches.
 
 `k_max="auto"` (ConfAdapt and SelfSpeculative): the number of masks appended becomes a per-step choice, bounded by
 k_max − 1 (`auto` = `auto:16`, `auto:N` another bound), made by the cost-aware controller of adaptive/controller.py
@@ -22,7 +26,8 @@ probability at temperature 1 (§4.2). A fitted calibrator can be passed in its p
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -79,11 +84,55 @@ def _check_tau(tau) -> float:
     return tau
 
 
+@dataclass
+class Accepted:
+    """What one row takes from one forward: a strategy's decision, which the decoder commits (KV, text, controller)."""
+
+    tokens: list[int]  # appended to the row's text, before the decoder's budget and stop cuts
+    committed: int  # pending tokens whose KV this forward keeps: all of them but rejected drafts
+    pending: list[int]  # fed the next forward (the tokens just accepted, or [bonus] + new drafts)
+    drafts: int  # how many trailing tokens of `pending` are unverified drafts
+    run: int  # the span controller's observation (adaptive/controller.py): positions kept ...
+    read: int  # ... out of this many mask positions read (ConfAdapt) or drafts verified (self-speculative)
+
+
+class Strategy(Protocol):
+    """What the decode loop (adaptive/decoder.py) asks of a decoding strategy; Static, ConfAdapt and SelfSpeculative
+    implement it. One forward feeds each row's pending tokens and `masks` <MTP> masks and reads, per row, the logits
+    at its last 1 + drafts + masks query tokens: the last verified token, every draft fed (self-speculative only) and
+    every mask."""
+
+    name: str  # "static" | "confadapt" | "selfspec": the command-line name
+    k_max: int  # positions read per forward at most: the next-token position and up to k_max − 1 masks (§4.1)
+    auto: bool  # k_max auto: the span controller chooses each forward's masks, 0 … k_max − 1 (§4.2, §5.7)
+    speculative: bool  # the masks' argmaxes are drafts the next forward verifies (self-speculative, §6.1 item iii)
+
+    @property
+    def label(self) -> str:
+        """Name and settings, e.g. "confadapt(tau=0.9,k_max=auto:16)": report column and span-controller memory key."""
+
+    def accept(self, logits: torch.Tensor, pending: list[list[int]], drafts: list[int],
+               masks: int) -> list[Accepted]:
+        """One forward's decision per row. `logits` [B, n, V]: row b's read positions are its last
+        1 + drafts[b] + masks (rows with fewer drafts are left-padded); `pending[b]`: the tokens row b fed, of which
+        the last `drafts[b]` are drafts. Static keeps k (§4.1), ConfAdapt the longest confident run (§4.2),
+        SelfSpeculative the verified drafts plus the bonus token (§6.1 item iii)."""
+
+
+def accept_prefixes(counts: list[int], logits: torch.Tensor, pending: list[list[int]], masks: int) -> list[Accepted]:
+    """Static and ConfAdapt (§4.1, §4.2): row b accepts the argmaxes of its first counts[b] read positions (the
+    next-token position, then the masks), and its pending tokens all keep their KV."""
+    preds = logits[:, logits.shape[1] - (masks + 1) :].argmax(dim=-1).tolist()
+    return [Accepted(tokens=p[:n], committed=len(fed), pending=p[:n], drafts=0, run=n - 1, read=masks)
+            for p, n, fed in zip(preds, counts, pending)]
+
+
 class Static:
     """Accept exactly k tokens per forward (k_max = k)."""
 
     name = "static"
     auto = False
+    speculative = False
 
     def __init__(self, k: int):
         self.k_max = _check_k(k, "k")
@@ -99,6 +148,12 @@ class Static:
         """logits [B, k_max, V] -> number of tokens to accept per row [B]."""
         return torch.full((logits.shape[0],), self.k_max, dtype=torch.long, device=logits.device)
 
+    def accept(self, logits: torch.Tensor, pending: list[list[int]], drafts: list[int],
+               masks: int) -> list[Accepted]:
+        """All k read positions (§4.1, "Static k"); see `Strategy.accept`."""
+        return accept_prefixes(self.accept_counts(logits[:, logits.shape[1] - (masks + 1) :]).tolist(), logits,
+                               pending, masks)
+
 
 class ConfAdapt:
     """Accept the longest contiguous run of confidence >= tau starting at position 1; always at least one (§4.2).
@@ -107,6 +162,7 @@ class ConfAdapt:
     """
 
     name = "confadapt"
+    speculative = False
 
     def __init__(self, tau: float, k_max: int | str, scorer: Scorer | None = None):
         self.tau = _check_tau(tau)
@@ -135,6 +191,12 @@ class ConfAdapt:
             raise UserError(f"scorer returned shape {tuple(confidence.shape)}, expected {tuple(logits.shape[:-1])}")
         return self.accept_counts_from_confidence(confidence)
 
+    def accept(self, logits: torch.Tensor, pending: list[list[int]], drafts: list[int],
+               masks: int) -> list[Accepted]:
+        """The longest run of confidence >= tau over the masks + 1 positions read (§4.2); see `Strategy.accept`."""
+        return accept_prefixes(self.accept_counts(logits[:, logits.shape[1] - (masks + 1) :]).tolist(), logits,
+                               pending, masks)
+
 
 class SelfSpeculative:
     """Lossless: mask predictions are drafts, verified by the next forward's own next-token predictions.
@@ -145,6 +207,7 @@ class SelfSpeculative:
     """
 
     name = "selfspec"
+    speculative = True
 
     def __init__(self, k_max: int | str):
         self.k_max, self.auto = parse_k_max(k_max)
@@ -163,6 +226,24 @@ class SelfSpeculative:
         while j < len(drafts) and drafts[j] == greedy[j]:
             j += 1
         return j
+
+    def accept(self, logits: torch.Tensor, pending: list[list[int]], drafts: list[int],
+               masks: int) -> list[Accepted]:
+        """Verification (§6.1 item iii): row b fed [a, d_1..d_n] (n = drafts[b]); its logits at a, d_1..d_n give the
+        greedy g_1..g_{n+1}. It accepts d_1..d_j and the bonus g_{j+1}; the n − j rejected drafts lose their KV. If
+        every draft was kept, the masks saw the right tokens and their argmaxes are the next drafts; otherwise the
+        next forward has none. See `Strategy.accept`."""
+        preds = logits.argmax(dim=-1).tolist()
+        n_read = logits.shape[1]
+        out = []
+        for p, fed, nd in zip(preds, pending, drafts):
+            greedy = p[n_read - masks - 1 - nd : n_read - masks]  # g_1 .. g_{nd+1}
+            offered = fed[len(fed) - nd :]
+            j = self.verify(offered, greedy)
+            next_drafts = p[n_read - masks :] if j == nd else []
+            out.append(Accepted(tokens=offered[:j] + [greedy[j]], committed=len(fed) - (nd - j),
+                                pending=[greedy[j]] + next_drafts, drafts=len(next_drafts), run=j, read=nd))
+        return out
 
 
 STRATEGIES = ("static", "confadapt", "selfspec")

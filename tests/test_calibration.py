@@ -260,9 +260,8 @@ def test_collector_labels_match_brute_force_and_results_are_greedy(rig, prompts)
     k_max, n_new = 4, 16
     decoder = MTPDecoder(model, tokenizer)
     traces = []
-    decoder.on_step = traces.append  # collect must keep an existing hook running
-    samples, results = collect(decoder, prompts, k_max, max_new_tokens=n_new, batch_size=4)
-    assert decoder.on_step == traces.append
+    # collect must keep another hook running
+    samples, results = collect(decoder, prompts, k_max, max_new_tokens=n_new, batch_size=4, on_step=traces.append)
     greedy = decoder.generate(prompts, Static(1), max_new_tokens=n_new)
     assert [r.token_ids for r in results] == [r.token_ids for r in greedy]
 
@@ -307,14 +306,12 @@ def test_collector_text_prompts_and_misuse(rig):
     samples, results = collect(decoder, ["What is 2+2?", "Say hi.", "What is 2+2?"], 3, max_new_tokens=6)
     assert len(results) == 3 and results[0].token_ids == results[2].token_ids
     assert set(samples.prompt.tolist()) == {0, 1}  # the repeated prompt is one prompt (one side of any split)
-    assert decoder.on_step is None
     collector = ConfidenceCollector(4)  # k_max 4, but the run reads 3 positions per forward
-    decoder.on_step = collector
     with pytest.raises(UserError, match="SelfSpeculative"):
-        decoder.generate([[5, 6, 7]], ConfAdapt(0.5, 3), max_new_tokens=4)
-    decoder.on_step = ConfidenceCollector(3)
-    decoder.generate([[5, 6, 7]], ConfAdapt(0.5, 3), max_new_tokens=4)  # no drafts fed: nothing to label
-    assert len(decoder.on_step.samples()) == 0
+        decoder.generate([[5, 6, 7]], ConfAdapt(0.5, 3), max_new_tokens=4, on_step=collector)
+    collector = ConfidenceCollector(3)
+    decoder.generate([[5, 6, 7]], ConfAdapt(0.5, 3), max_new_tokens=4, on_step=collector)  # no drafts: no labels
+    assert len(collector.samples()) == 0
     with pytest.raises(UserError, match="k_max"):
         ConfidenceCollector(1)
     with pytest.raises(UserError, match="all strings"):

@@ -198,9 +198,8 @@ def test_confadapt_auto_every_step_is_the_rule_on_a_from_scratch_forward(rig, pr
     model, tokenizer = rig
     decoder = MTPDecoder(model, tokenizer, forward_cost=lambda q, b: cpu_cost(q))
     traces = []
-    decoder.on_step = traces.append
     strategy = ConfAdapt(RIG_TAU, "auto:6")
-    results = decoder.generate(prompts, strategy, max_new_tokens=N_NEW)
+    results = decoder.generate(prompts, strategy, max_new_tokens=N_NEW, on_step=traces.append)
     assert check_against_from_scratch(model, traces) > 0
     masks = [m for r in results for m in r.masks_per_step]
     assert len(set(masks)) > 1 and max(masks) <= 5

@@ -138,8 +138,7 @@ def test_kv_protocol_matches_from_scratch(rig, prompts, name):
     strategy = STRATEGIES[name]
     decoder = MTPDecoder(model, tokenizer)
     traces: list[StepTrace] = []
-    decoder.on_step = traces.append
-    results = decoder.generate(prompts, strategy, max_new_tokens=N_NEW)
+    results = decoder.generate(prompts, strategy, max_new_tokens=N_NEW, on_step=traces.append)
     K = strategy.k_max - 1
     assert traces[0].step == 0 and all(ctx == [] for ctx in traces[0].context_ids)  # prefill: the whole prompt pending
     drafts_rejected = 0
@@ -167,8 +166,7 @@ def test_dead_kv_columns_are_dropped(rig, prompts):
     decoder = MTPDecoder(model, tokenizer)
     for prompt in prompts[:6]:
         traces: list[StepTrace] = []
-        decoder.on_step = traces.append
-        decoder.generate([prompt], SelfSpeculative(4), max_new_tokens=N_NEW)
+        decoder.generate([prompt], SelfSpeculative(4), max_new_tokens=N_NEW, on_step=traces.append)
         assert [t.cache_columns for t in traces] == [len(t.context_ids[0]) for t in traces]
 
 

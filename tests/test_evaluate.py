@@ -312,15 +312,15 @@ def test_run_eval_prompts_stops_and_on_step(numeric_decoder, monkeypatch):
     calls = []
     generate = decoder.generate
 
-    def spy(input_ids, strategy, max_new_tokens, stop_strings=None):
+    def spy(input_ids, strategy, max_new_tokens, stop_strings=None, on_step=None):
         calls.append(stop_strings)
-        return generate(input_ids, strategy, max_new_tokens, stop_strings=stop_strings)
+        return generate(input_ids, strategy, max_new_tokens, stop_strings=stop_strings, on_step=on_step)
 
     monkeypatch.setattr(decoder, "generate", spy)
     traces = []
     report = run_eval(decoder, PROBLEMS[:2], SelfSpeculative(3), prompt_format="cot8", max_new_tokens=6,
                       progress=False, on_step=traces.append)
-    assert calls == [STOP_STRINGS["cot8"]] and decoder.on_step is None  # restored after the run
+    assert calls == [STOP_STRINGS["cot8"]] and not hasattr(decoder, "on_step")  # the hook is an argument
     assert len(traces) == max(r.forward_passes for r in report.results)  # one trace per batched forward
     prefill = traces[0]
     for i, query in zip(prefill.rows, prefill.query_ids):  # the prompt really is the 8-shot text, as plain tokens

@@ -65,10 +65,9 @@ def test_draft_counts_match_the_decoders_step_traces(tiny_model_dir, strategy):
             drafts = logits.shape[0] - 1 - masks
             offered.append(drafts if strategy.name == "selfspec" else masks)
 
-    decoder.on_step = on_step
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (3, 9, 17, 30)]
-    results = decoder.generate(prompts, strategy, max_new_tokens=24)
+    results = decoder.generate(prompts, strategy, max_new_tokens=24, on_step=on_step)
     m = acceptance_metrics(results, speculative=strategy.name == "selfspec")
     assert m["num_draft_tokens"] == sum(offered) > 0
     assert m["num_accepted_tokens"] > 0  # drafts were really kept
