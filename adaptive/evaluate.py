@@ -117,9 +117,10 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     )
 
 
-def parse_strategies(spec: str, defaults: dict) -> list:
+def parse_strategies(spec: str, defaults: dict, scorer=None) -> list:
     """"static:3,confadapt:0.9:16,selfspec:16" -> strategies. confadapt[:TAU[:K_MAX]] and selfspec[:K_MAX] take the
-    model's decoding defaults (generation config, e.g. written by `mtp tune`) for what is left out."""
+    model's decoding defaults (generation config, e.g. written by `mtp tune`) for what is left out. `scorer(tau_given)`
+    -> ConfAdapt's confidence for a tau typed in the spec (True) or taken from the defaults (False); None: raw."""
     from adaptive.strategies import make_strategy
 
     out, labels = [], set()
@@ -138,7 +139,8 @@ def parse_strategies(spec: str, defaults: dict) -> list:
                 strategy = make_strategy(name, k=int(values[0]))
             elif name == "confadapt":
                 tau = float(values[0]) if values else defaults["tau"]
-                strategy = make_strategy(name, tau=tau, k_max=values[1] if len(values) > 1 else defaults["k_max"])
+                strategy = make_strategy(name, tau=tau, k_max=values[1] if len(values) > 1 else defaults["k_max"],
+                                         scorer=None if scorer is None else scorer(bool(values)))
             else:
                 strategy = make_strategy(name, k_max=values[0] if values else defaults["k_max"])
         except ValueError:

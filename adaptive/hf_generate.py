@@ -19,9 +19,10 @@ calls the function in one of two ways, and both end here:
 The rule: the rows of a left-padded batch (`attention_mask`, as `generate` users pass it) are decoded by
 `adaptive.decoder.MTPDecoder` from their real tokens, with the strategy `mtp_strategy` ("confadapt" | "static" |
 "selfspec"), `mtp_tau`, `mtp_k_max` (an integer, "auto" or "auto:N") and `mtp_k` (static), each defaulting to the
-model's generation config (`mtp_*`, written by `mtp export` and `mtp tune`) as `mtp generate` does; ConfAdapt
-thresholds the calibrated confidence when `mtp calibrate` saved a calibrator beside the model (`mtp_calibration=False`:
-the raw top-1 probability). `max_new_tokens` (or `max_length`), `eos_token_id` and `stop_strings` are honoured; the
+model's generation config (`mtp_*`, written by `mtp export` and `mtp tune`) as `mtp generate` does. tau's scale follows
+`mtp generate`'s rule: an `mtp_tau` passed to the call thresholds the raw top-1 probability unless
+`mtp_calibration=True` (then the calibrator `mtp calibrate` saved beside the model); a tau taken from the generation
+config is on the scale recorded with it (`mtp_tau_scale`); `mtp_calibration=False` is always raw. `max_new_tokens` (or `max_length`), `eos_token_id` and `stop_strings` are honoured; the
 output is what `generate` returns: the input rows as given followed by the generated tokens, right-padded with the pad
 id after a row ends, or with `return_dict_in_generate=True` an `MTPGenerateOutput` (a `GenerateDecoderOnlyOutput`)
 that also carries each row's accepted tokens per forward pass and the acceptance metrics of adaptive/metrics.py.
@@ -74,7 +75,7 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
 
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
              synced_gpus=False, streamer=None, mtp_strategy=None, mtp_tau=None, mtp_k_max=None, mtp_k=None,
-             mtp_calibration=True, tokenizer=None, **model_kwargs):
+             mtp_calibration=None, tokenizer=None, **model_kwargs):
     """transformers' custom_generate entry point (see the module docstring). Bad input: one ValueError."""
     try:
         return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
@@ -89,7 +90,7 @@ def _refuse(message: str):
 
 
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-              mtp: dict, calibration: bool, tokenizer, model_kwargs: dict):
+              mtp: dict, calibration: bool | None, tokenizer, model_kwargs: dict):
     from transformers.generation.logits_process import LogitsProcessorList
 
     from adaptive.decoder import MTPDecoder
@@ -238,12 +239,13 @@ def _attach_exported_adapter(model) -> None:
             attach_mask_adapter(model, kept)
 
 
-def _strategy(model, mtp: dict, calibration: bool):
+def _strategy(model, mtp: dict, calibration: bool | None):
     """The strategy from the mtp_* kwargs, defaults from the model's generation config (`mtp generate`'s rule)."""
-    from adaptive.strategies import decoding_defaults, make_strategy
+    from adaptive.strategies import make_strategy
+    from distill.decoding_defaults import read_decoding_defaults
 
-    defaults = decoding_defaults(getattr(model, "generation_config", None),
-                                 getattr(model.config, "mtp_k_max", None))
+    defaults = read_decoding_defaults(getattr(model, "generation_config", None),
+                                      getattr(model.config, "mtp_k_max", None))
     name = mtp["strategy"] if mtp["strategy"] is not None else defaults["strategy"]
     k, k_max = mtp["k"], mtp["k_max"]
     if not isinstance(name, str):
@@ -257,12 +259,17 @@ def _strategy(model, mtp: dict, calibration: bool):
     if k is None and k_max is None:
         k_max = defaults["k_max"]
     tau = defaults["tau"] if mtp["tau"] is None else mtp["tau"]
+    if calibration is None:
+        calibration = mtp["tau"] is None and defaults["tau_scale"] == "calibrated"
     scorer = None
     if calibration and name.strip().lower() == "confadapt":
         from adaptive.calibration import load_calibrator
 
         path = _model_path(model)
         scorer = load_calibrator(path) if path and Path(path).is_dir() else None
+        if scorer is None:
+            _refuse("tau on the calibrated scale, but no calibrator was saved beside the model (`mtp calibrate`); "
+                    "pass mtp_tau (the raw top-1 probability) or mtp_calibration=False")
     return make_strategy(name, k=k, k_max=k_max, tau=tau, scorer=scorer)
 
 

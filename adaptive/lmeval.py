@@ -20,7 +20,8 @@ dataset at local files, e.g. `dataset_path: json`).
 
 Model arguments: pretrained (directory or alias), strategy (static | confadapt | selfspec; default: the model's
 generation config, else confadapt), tau, k_max, k (static), batch_size (16), max_gen_toks (256), dtype (float32),
-calibration (true: ConfAdapt uses the calibrator `mtp calibrate` saved beside the model), device, max_length.
+calibration (tau's scale, as `mtp generate --calibrated / --no-calibration`: a typed tau is the raw top-1 probability
+unless calibration=true, the model's recorded tau keeps its recorded scale, false is always raw), device, max_length.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from adaptive.loading import DTYPES, load_model_calibrator, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder
 from adaptive.metrics import acceptance_metrics, is_speculative
@@ -72,14 +73,18 @@ def _pick_device(device) -> torch.device:
 class MTPLM(TemplateLM):
     def __init__(self, pretrained: str, strategy: str | None = None, tau: float | None = None,
                  k_max: int | None = None, k: int | None = None, batch_size=DEFAULT_BATCH_SIZE,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, dtype: str = "float32", calibration: bool = True,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, dtype: str = "float32", calibration: bool | None = None,
                  device: str | None = None, max_length: int | None = None, max_batch_size=None):
         super().__init__()
         if dtype not in DTYPES:
             raise UserError(f"mtp: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.pretrained = str(pretrained)
         # strategy values are checked before the weights load
-        strategy = build_strategy(mtp_defaults(self.pretrained), strategy, k=k, tau=tau, k_max=k_max)
+        defaults = mtp_defaults(self.pretrained)
+        strategy = build_strategy(defaults, strategy, k=k, tau=tau, k_max=k_max)
+        # tau's scale: typed (tau=...) raw unless calibration=True; the model's recorded tau its recorded scale
+        calibrator = confidence_scorer(self.pretrained, defaults, tau_given=tau is not None,
+                                       calibrated=calibration) if isinstance(strategy, ConfAdapt) else None
         if str(batch_size).startswith("auto"):  # lm-eval's automatic batch size: memory is not the limit here
             batch_size = DEFAULT_BATCH_SIZE
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -89,7 +94,6 @@ class MTPLM(TemplateLM):
         self.model = model.to(self._device)
         self.tokenizer = tokenizer
         self.decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
-        calibrator = load_model_calibrator(self.pretrained) if calibration and isinstance(strategy, ConfAdapt) else None
         if calibrator is not None:
             strategy = ConfAdapt(strategy.tau, strategy.k_max, scorer=calibrator)
         self.strategy = strategy

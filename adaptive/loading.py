@@ -67,7 +67,7 @@ def mtp_defaults(name_or_path: str) -> dict:
     as a fallback for k_max), else the paper's. Read from the JSON files, so bad flags fail before the model loads."""
     from transformers import AutoConfig, GenerationConfig
 
-    from adaptive.strategies import decoding_defaults
+    from distill.decoding_defaults import read_decoding_defaults
     from distill.models import resolve_model_path
 
     path = resolve_model_path(name_or_path)
@@ -79,7 +79,7 @@ def mtp_defaults(name_or_path: str) -> dict:
         k_max_trained = getattr(AutoConfig.from_pretrained(path), "mtp_k_max", None)
     except (OSError, ValueError):
         k_max_trained = None
-    return decoding_defaults(gen, k_max_trained)
+    return read_decoding_defaults(gen, k_max_trained)
 
 
 def stop_ids(model, tokenizer) -> list[int]:

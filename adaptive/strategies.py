@@ -25,18 +25,16 @@ probability at temperature 1 (§4.2). A fitted calibrator can be passed in its p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
+from distill.decoding_defaults import DEFAULT_K_MAX, STRATEGIES, check_tau
 from distill.errors import UserError
 
 # One forward reads k_max positions; the paper goes up to 16. 64 bounds the per-step query length (2*k_max - 1).
 MAX_K = 64
-# The paper's k_max for ConfAdapt (§4.2, §7.7); used when `make_strategy` is not given one.
-DEFAULT_K_MAX = 16
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,16 +70,6 @@ def parse_k_max(value) -> tuple[int, bool]:
 
 def _k_max_label(k_max: int, auto: bool) -> str:
     return f"auto:{k_max}" if auto else str(k_max)
-
-
-def _check_tau(tau) -> float:
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise UserError(f"tau must be a number in (0, 1], got {tau!r}") from None
-    if math.isnan(tau) or not 0.0 < tau <= 1.0:
-        raise UserError(f"tau must be in (0, 1], got {tau}")
-    return tau
 
 
 @dataclass
@@ -165,19 +153,23 @@ class ConfAdapt:
     speculative = False
 
     def __init__(self, tau: float, k_max: int | str, scorer: Scorer | None = None):
-        self.tau = _check_tau(tau)
+        self.tau = check_tau(tau)
         self.k_max, self.auto = parse_k_max(k_max)
         if scorer is not None and not callable(scorer):
             raise UserError(f"scorer must be callable(logits) -> confidence, got {type(scorer).__name__}")
         self.scorer = scorer or top1_probability
 
     @property
+    def tau_scale(self) -> str:
+        """What tau thresholds: "raw" (the paper's top-1 probability) or "calibrated" (a fitted calibrator's)."""
+        return "raw" if self.scorer is top1_probability else "calibrated"
+
+    @property
     def label(self) -> str:
-        calibrated = "" if self.scorer is top1_probability else ",calibrated"
-        return f"confadapt(tau={self.tau:g},k_max={_k_max_label(self.k_max, self.auto)}{calibrated})"
+        return f"confadapt(tau={self.tau:g},k_max={_k_max_label(self.k_max, self.auto)},{self.tau_scale})"
 
     def __repr__(self) -> str:
-        return f"ConfAdapt(tau={self.tau:g}, k_max={_k_max_label(self.k_max, self.auto)!r})"
+        return f"ConfAdapt(tau={self.tau:g}, k_max={_k_max_label(self.k_max, self.auto)!r}, {self.tau_scale})"
 
     def accept_counts_from_confidence(self, confidence: torch.Tensor) -> torch.LongTensor:
         """confidence [B, n] (n <= k_max positions read) -> n = max{m >= 1 : c_j >= tau for all j <= m} (n = 1 if c_1 < tau)."""
@@ -244,23 +236,6 @@ class SelfSpeculative:
             out.append(Accepted(tokens=offered[:j] + [greedy[j]], committed=len(fed) - (nd - j),
                                 pending=[greedy[j]] + next_drafts, drafts=len(next_drafts), run=j, read=nd))
         return out
-
-
-STRATEGIES = ("static", "confadapt", "selfspec")
-DEFAULT_STRATEGY, DEFAULT_TAU = "confadapt", 0.9  # paper §4.2, §7.7
-
-
-def decoding_defaults(generation_config, trained_k_max=None) -> dict:
-    """{"strategy", "k_max", "tau"}: the decoding defaults a generation config records (`mtp_strategy`, `mtp_k_max`,
-    `mtp_tau`, written by `mtp export` and `mtp tune`), else the paper's. Without a fixed k_max the controller
-    chooses, bounded by the k_max the model was trained with (`config.mtp_k_max`): "auto:N"."""
-    tuned = getattr(generation_config, "mtp_k_max", None)
-    return {
-        "strategy": getattr(generation_config, "mtp_strategy", None) or DEFAULT_STRATEGY,
-        "k_max": (tuned if isinstance(tuned, str) else int(tuned)) if tuned else
-                 f"auto:{int(trained_k_max or DEFAULT_K_MAX)}",
-        "tau": float(getattr(generation_config, "mtp_tau", None) or DEFAULT_TAU),
-    }
 
 
 def make_strategy(name: str, *, k: int | None = None, tau: float | None = None, k_max: int | None = None,

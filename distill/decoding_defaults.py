@@ -22,7 +22,10 @@ TAU_SCALES = ("raw", "calibrated")
 
 def check_tau(tau, what: str = "tau") -> float:
     """tau in (0, 1]; UserError otherwise."""
-    tau = float(tau)
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in (0, 1], got {tau!r}") from None
     if math.isnan(tau) or not 0.0 < tau <= 1.0:
         raise UserError(f"{what} must be in (0, 1], got {tau:g}")
     return tau

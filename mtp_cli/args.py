@@ -37,3 +37,15 @@ def number_list(text: str, flag: str, cast) -> list:
     if len(set(values)) != len(values):
         raise UserError(f"{flag} lists a value twice: {text}")
     return values
+
+
+def add_tau_scale_flags(parser) -> None:
+    """--calibrated / --no-calibration: the scale of a tau (distill/decoding_defaults.py, adaptive/loading.py)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--calibrated", dest="calibrated", action="store_true", default=None,
+                       help="confadapt: a tau given here thresholds the confidence of the calibrator `mtp calibrate` "
+                            "saved beside the model (default: a typed tau is the raw top-1 probability; the model's "
+                            "recorded tau keeps the scale recorded with it)")
+    group.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                       help="confadapt: the raw top-1 probability, even for a tau the model recorded as calibrated")
+

@@ -21,10 +21,10 @@ import torch
 
 from adaptive.bench import (COLLAPSE_ANCHORS, PROMPT_LOOKUP_TOKENS, format_sweep, format_table, held_out_questions,
                             run_bench)
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
+from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL
-from mtp_cli.args import Parser, at_least
+from mtp_cli.args import Parser, add_tau_scale_flags, at_least
 
 DEFAULT_CONCURRENCY = "1,16"
 MIN_DEFAULT_PROMPTS = 16  # --prompts without a value: max(this, the largest concurrency)
@@ -103,6 +103,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--k-max", help="confadapt/selfspec k_max values, comma-separated, each an integer, auto or "
                                         "auto:N (default: the model's, else 16, and auto)")
     parser.add_argument("--tau", type=float, help="confadapt threshold (default: the model's, else 0.9)")
+    add_tau_scale_flags(parser)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -121,6 +122,7 @@ def main(argv: list[str]) -> int:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)  # on a shared CPU, fewer threads avoid OpenMP oversubscription
     defaults = mtp_defaults(args.model)
+    scorer = confidence_scorer(args.model, defaults, tau_given=args.tau is not None, calibrated=args.calibrated)
     args.tau = args.tau if args.tau is not None else defaults["tau"]
     k_maxes = [k.strip() for k in str(args.k_max or defaults["k_max"]).split(",") if k.strip()]
     for k in k_maxes:
@@ -132,16 +134,15 @@ def main(argv: list[str]) -> int:
     questions = held_out_questions(args.dataset, args.prompts)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=True)  # untrained conversions are measured too
     model.to(device)
-    from adaptive.calibration import load_calibrator
-
     results = run_bench(model, tokenizer, questions, concurrency=concurrency, max_new_tokens=args.max_new_tokens,
-                        k_max=k_maxes, tau=args.tau, scorer=load_calibrator(args.model),
+                        k_max=k_maxes, tau=args.tau, scorer=scorer,
                         prompt_lookup=not args.no_prompt_lookup, progress=True)
     doc = {
         "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "dtype": args.dtype, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "concurrency": concurrency, "k_max": k_maxes, "tau": args.tau,
+        "tau_scale": "raw" if scorer is None else "calibrated",
         "prompt_lookup_num_tokens": None if args.no_prompt_lookup else PROMPT_LOOKUP_TOKENS, "results": results,
         "anchors": list(COLLAPSE_ANCHORS),
     }

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from adaptive.evaluate import format_table, parse_strategies, run_eval
 from adaptive.gsm8k import EXTRACTIONS, PROMPT_FORMATS, encode_prompt, load_problems
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_model_calibrator, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
 from distill.errors import UserError
-from mtp_cli.args import Parser, at_least
+from mtp_cli.args import Parser, add_tau_scale_flags, at_least
 
 GSM8K_TEST = GSM8K_LOCAL.with_name("test.jsonl")
 DEFAULT_STRATEGIES = "static:3,confadapt,selfspec"
@@ -35,7 +35,7 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def main(argv: list[str]) -> int:
     from adaptive.decoder import MTPDecoder
-    from adaptive.strategies import ConfAdapt, Static
+    from adaptive.strategies import Static
 
     default_dataset = str(GSM8K_TEST)
     parser = Parser(prog="mtp evaluate", description="GSM8K accuracy (flexible-extract, ± stderr), agreement with "
@@ -59,8 +59,7 @@ def main(argv: list[str]) -> int:
                         "not glued to a word, compared as numbers")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--no-calibration", action="store_true",
-                        help="ConfAdapt on raw confidences even if the model has a fitted calibrator")
+    add_tau_scale_flags(parser)
     parser.add_argument("--json", help="write the full report (every answer and text) to this JSON file")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
@@ -70,19 +69,18 @@ def main(argv: list[str]) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         raise UserError(f"--json {json_path}: not a file in an existing directory")
-    strategies = parse_strategies(args.strategies, mtp_defaults(args.model))
+    defaults = mtp_defaults(args.model)
+    strategies = parse_strategies(args.strategies, defaults, scorer=lambda tau_given: confidence_scorer(
+        args.model, defaults, tau_given=tau_given, calibrated=args.calibrated))
     strategies = [s for s in strategies if s.label != Static(1).label]
     problems = load_problems(args.dataset, args.split, limit=args.limit, start=args.start)
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
     encode_prompt(problems[0]["question"], args.format, tokenizer)  # a bad --format fails before any decoding
-    calibrator = None if args.no_calibration else load_model_calibrator(args.model)
-    if calibrator is not None:
-        strategies = [ConfAdapt(s.tau, s.k_max, scorer=calibrator) if isinstance(s, ConfAdapt) else s
-                      for s in strategies]
-        print(f"ConfAdapt uses the model's fitted {getattr(calibrator, 'method', '')} calibrator "
-              "(--no-calibration for raw confidences)", file=sys.stderr)
+    if any(getattr(s, "tau_scale", None) == "calibrated" for s in strategies):
+        print("ConfAdapt rows marked calibrated threshold the model's fitted calibrator; the others the raw top-1 "
+              "probability", file=sys.stderr)
     print(f"evaluating {args.model} on {len(problems)} problems of {args.dataset} (from row {args.start}), "
           f"format {args.format}, max {args.max_new_tokens} new tokens", file=sys.stderr, flush=True)
     decoder.generate([encode_prompt(problems[0]["question"], args.format, tokenizer)], Static(1), 2)  # warm-up
@@ -105,7 +103,8 @@ def main(argv: list[str]) -> int:
         payload = {
             "model": args.model, "dataset": args.dataset, "split": args.split, "start": args.start,
             "n": len(problems), "format": args.format, "extract": args.extract, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "calibrated": calibrator is not None, "reference": reference.label,
+            "batch_size": args.batch_size,
+            "calibrated": any(getattr(s, "tau_scale", None) == "calibrated" for s in strategies), "reference": reference.label,
             "indices": [p["index"] for p in problems], "gold": [p["answer"] for p in problems], "runs": runs,
         }
         print(f"wrote {write_json(json_path, payload)}", file=sys.stderr)

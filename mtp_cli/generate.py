@@ -4,10 +4,11 @@
                  [--tau T] [--k-max K] [--batch-file prompts.jsonl] [--json] [--html chunks.html]
 
 Decoding defaults come from the model's generation config (`mtp_strategy`, `mtp_k_max`, `mtp_tau`, written by
-`mtp export` and `mtp tune`), else ConfAdapt with k_max 16 and tau 0.9 (paper §4.2). ConfAdapt thresholds the
-calibrated confidence when `mtp calibrate` saved a calibrator beside the model (--no-calibration: the raw top-1
-probability). A model without a trained `<MTP>` is refused; --add-mtp-token adds an untrained one (announced on
-stderr): useful to try the tool on any base, meaningless for speed.
+`mtp export` and `mtp tune`), else ConfAdapt at tau 0.9 (paper §4.2) with k_max auto. tau's scale is explicit and every
+strategy label says it: a --tau typed here is the paper's raw top-1 probability unless --calibrated (then the
+calibrator `mtp calibrate` saved beside the model); the model's recorded tau keeps the scale `mtp tune` recorded with
+it (--no-calibration: raw regardless). A model without a trained `<MTP>` is refused; --add-mtp-token adds an
+untrained one (announced on stderr): useful to try the tool on any base, meaningless for speed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import sys
 import time
 from dataclasses import asdict
 
-from adaptive.loading import DTYPES, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.prompts import read_prompts
 from adaptive.strategies import build_strategy
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL
-from mtp_cli.args import Parser
+from mtp_cli.args import Parser, add_tau_scale_flags
 
 
 def main(argv: list[str]) -> int:
@@ -49,8 +50,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--add-mtp-token", action="store_true",
                         help="allow a model without <MTP>: add an untrained one (spans beyond the first token are "
                              "not meaningful until it is trained with `mtp train`)")
-    parser.add_argument("--no-calibration", action="store_true",
-                        help="confadapt: threshold the raw top-1 probability even if the model has a calibrator")
+    add_tau_scale_flags(parser)
     args = parser.parse_args(argv)
 
     prompts = read_prompts(args.prompt, args.batch_file)
@@ -62,11 +62,11 @@ def main(argv: list[str]) -> int:
         from distill.files import check_output_file
 
         check_output_file(args.html, "--html")  # before the decoding, not after it
-    from adaptive.calibration import load_calibrator
-
-    scorer = None if args.no_calibration else load_calibrator(args.model)
-    strategy = build_strategy(mtp_defaults(args.model), args.strategy, k=args.k, tau=args.tau, k_max=args.k_max,
-                              scorer=scorer)
+    defaults = mtp_defaults(args.model)
+    confadapt = (args.strategy or defaults["strategy"]) == "confadapt"
+    scorer = confidence_scorer(args.model, defaults, tau_given=args.tau is not None,
+                               calibrated=args.calibrated) if confadapt else None
+    strategy = build_strategy(defaults, args.strategy, k=args.k, tau=args.tau, k_max=args.k_max, scorer=scorer)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=args.add_mtp_token)
     stops = stop_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)

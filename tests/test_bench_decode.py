@@ -21,7 +21,7 @@ def test_bench_decode_json(tiny_model_dir, gsm8k_path, capsys):
     assert rc == 0
     doc = json.loads(out)  # the whole stdout is one JSON document
     assert doc["concurrency"] == [1, 2] and doc["prompts"] == 3
-    modes = ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4)",
+    modes = ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4,raw)",
              "selfspec(k_max=4)"]
     rows = doc["results"]
     assert [(r["concurrency"], r["mode"]) for r in rows] == [(b, m) for b in (1, 2) for m in modes]
@@ -36,7 +36,7 @@ def test_bench_decode_json(tiny_model_dir, gsm8k_path, capsys):
         # Lossless modes reproduce greedy decoding on every prompt (fp32, tiny model).
         for mode in ("hf-prompt-lookup", "static(k=1)", "selfspec(k_max=4)"):
             assert by[(b, mode)]["lossless"] and by[(b, mode)]["equal_to_hf_greedy"] == "3/3"
-        assert not by[(b, "confadapt(tau=0.5,k_max=4)")]["lossless"]
+        assert not by[(b, "confadapt(tau=0.5,k_max=4,raw)")]["lossless"]
     assert by[(2, "hf-prompt-lookup")]["note"].startswith("row-by-row") and by[(1, "hf-prompt-lookup")]["note"] == ""
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 2 and "row-by-row" in table
@@ -49,12 +49,12 @@ def test_bench_decode_k_max_list_with_auto(tiny_model_dir, gsm8k_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["concurrency"] == [2]  # --batch-sizes is the older name of --concurrency
     modes = [r["mode"] for r in doc["results"]]
-    assert modes == ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4)",
-                     "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=4)", "selfspec(k_max=auto:3)"]
+    assert modes == ["hf-greedy", "hf-prompt-lookup", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=4,raw)",
+                     "confadapt(tau=0.5,k_max=auto:3,raw)", "selfspec(k_max=4)", "selfspec(k_max=auto:3)"]
     by = {r["mode"]: r for r in doc["results"]}
     assert by["static(k=1)"]["ratio_vs_k1"] == 1.0 and by["selfspec(k_max=auto:3)"]["equal_to_hf_greedy"] == "2/2"
-    acc = by["confadapt(tau=0.5,k_max=4)"]["acceptance"]
-    assert acc["mean_acceptance_length"] == pytest.approx(by["confadapt(tau=0.5,k_max=4)"]["tokens_per_forward"])
+    acc = by["confadapt(tau=0.5,k_max=4,raw)"]["acceptance"]
+    assert acc["mean_acceptance_length"] == pytest.approx(by["confadapt(tau=0.5,k_max=4,raw)"]["tokens_per_forward"])
     assert "acceptance" not in by["hf-greedy"]
     assert doc["k_max"] == [4, "auto:3"]
 
@@ -76,8 +76,8 @@ def test_bench_decode_concurrency_sweep_and_plot(tiny_model_dir, gsm8k_path, tmp
     assert rc == 0
     doc = json.loads(out)
     assert doc["concurrency"] == [1, 2] and doc["prompt_lookup_num_tokens"] is None
-    modes = ["hf-greedy", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=3)",
-             "confadapt(tau=0.5,k_max=auto:3)", "selfspec(k_max=3)", "selfspec(k_max=auto:3)"]
+    modes = ["hf-greedy", "static(k=1)", "static(k=3)", "confadapt(tau=0.5,k_max=3,raw)",
+             "confadapt(tau=0.5,k_max=auto:3,raw)", "selfspec(k_max=3)", "selfspec(k_max=auto:3)"]
     rows = doc["results"]
     assert [(r["concurrency"], r["mode"]) for r in rows] == [(c, m) for c in (1, 2) for m in modes]
     for c in (1, 2):

@@ -134,7 +134,7 @@ def test_k_max_auto_parsing_and_errors():
     assert parse_k_max("auto") == (16, True)
     assert parse_k_max("auto:4") == (4, True)
     assert parse_k_max("8") == (8, False) and parse_k_max(8) == (8, False)
-    assert ConfAdapt(0.9, "auto:8").label == "confadapt(tau=0.9,k_max=auto:8)"
+    assert ConfAdapt(0.9, "auto:8").label == "confadapt(tau=0.9,k_max=auto:8,raw)"
     assert SelfSpeculative("auto").label == "selfspec(k_max=auto:16)"
     assert make_strategy("confadapt", tau=0.9, k_max="auto").auto
     for bad in ("auto:0", "auto:x", "sixteen", "auto:65"):

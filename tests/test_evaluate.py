@@ -225,7 +225,7 @@ def test_load_problems_local_file(tmp_path):
 def test_parse_strategies():
     defaults = {"strategy": "confadapt", "k_max": 8, "tau": 0.95}
     got = parse_strategies("static:3, confadapt:0.9:16,confadapt,selfspec:4,selfspec,static:3", defaults)
-    assert [s.label for s in got] == ["static(k=3)", "confadapt(tau=0.9,k_max=16)", "confadapt(tau=0.95,k_max=8)",
+    assert [s.label for s in got] == ["static(k=3)", "confadapt(tau=0.9,k_max=16,raw)", "confadapt(tau=0.95,k_max=8,raw)",
                                       "selfspec(k_max=4)", "selfspec(k_max=8)"]
     for bad in ("static", "static:x", "confadapt:2", "beam:4", "selfspec:4:5", "static:0"):
         with pytest.raises(UserError):
@@ -352,7 +352,7 @@ def test_mtp_evaluate_end_to_end(tiny_model_dir, small_gsm8k, tmp_path, capsys):
     assert rc == 0, err
     report = json.loads(out_json.read_text())
     labels = [r["label"] for r in report["runs"]]
-    assert labels == ["static(k=1)", "static(k=2)", "confadapt(tau=0.9,k_max=3)", "selfspec(k_max=3)"]
+    assert labels == ["static(k=1)", "static(k=2)", "confadapt(tau=0.9,k_max=3,raw)", "selfspec(k_max=3)"]
     assert report["n"] == 3 and report["reference"] == "static(k=1)" and report["format"] == "cot8"
     assert report["gold"] == [p["answer"] for p in PROBLEMS[:3]] and report["indices"] == [0, 1, 2]
     ref, static2, _, spec = report["runs"]
@@ -371,7 +371,7 @@ def test_mtp_evaluate_end_to_end(tiny_model_dir, small_gsm8k, tmp_path, capsys):
 
 
 def test_mtp_evaluate_uses_a_fitted_calibrator(tiny_model_dir, small_gsm8k, tmp_path, capsys, monkeypatch):
-    import mtp_cli.evaluate as evaluate
+    from adaptive import loading
 
     class Sure:  # a scorer that is certain of every position: ConfAdapt then accepts all k_max tokens
         method = "test"
@@ -379,10 +379,10 @@ def test_mtp_evaluate_uses_a_fitted_calibrator(tiny_model_dir, small_gsm8k, tmp_
         def __call__(self, logits):
             return torch.ones(logits.shape[:-1])
 
-    monkeypatch.setattr(evaluate, "load_model_calibrator", lambda model: Sure())
+    monkeypatch.setattr(loading, "load_model_calibrator", lambda model: Sure())
     argv = ["--model", tiny_model_dir, "--dataset", str(small_gsm8k), "--limit", "2", "--max-new-tokens", "6",
             "--strategies", "static:3,confadapt:0.99:3", "--format", "chat"]
-    rc, _, err = _evaluate(capsys, *argv, "--json", str(tmp_path / "cal.json"))
+    rc, _, err = _evaluate(capsys, *argv, "--calibrated", "--json", str(tmp_path / "cal.json"))
     assert rc == 0, err
     report = json.loads((tmp_path / "cal.json").read_text())
     static3, conf = report["runs"][1:]

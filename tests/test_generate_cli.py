@@ -72,7 +72,7 @@ def test_no_chat_template_and_confadapt(tiny_model_dir, capsys):
                       "--tau", "1e-9", "--k-max", "4", "--max-new-tokens", "10", "--json")
     r = _json_lines(out)[0]
     assert rc == 0 and r["accepted_per_step"] == [4, 4, 2] and len(r["token_ids"]) == 10
-    assert r["finish_reason"] == "length" and r["strategy"] == "confadapt(tau=1e-09,k_max=4)"
+    assert r["finish_reason"] == "length" and r["strategy"] == "confadapt(tau=1e-09,k_max=4,raw)"
 
 
 def test_batch_file_order_and_html(tiny_model_dir, tmp_path, capsys):
@@ -195,7 +195,8 @@ def test_exit_code_from_the_console_script(tmp_path):
 
 
 def test_confadapt_uses_the_saved_calibrator(tiny_model_dir, tmp_path, capsys):
-    """A calibrator beside the model is ConfAdapt's scorer in `mtp generate`; --no-calibration gives the raw one."""
+    """With --calibrated a typed tau thresholds the calibrator beside the model; without it (or with --no-calibration)
+    a typed tau is the raw top-1 probability; the model's recorded tau keeps its recorded scale."""
     import shutil
 
     from adaptive.calibration import Calibrator
@@ -206,12 +207,22 @@ def test_confadapt_uses_the_saved_calibrator(tiny_model_dir, tmp_path, capsys):
     Calibrator("temperature", {2: flat}, pooled=flat, k_max=2, n_samples=0, n_prompts=0).save(model_dir)
     argv = ["--model", str(model_dir), "--prompt", "hi", "--strategy", "confadapt", "--tau", "4e-5", "--k-max", "4",
             "--max-new-tokens", "16", "--json"]
-    rc, out, _ = _run(capsys, *argv)
+    rc, out, _ = _run(capsys, *argv, "--calibrated")
     calibrated = _json_lines(out)[0]
     rc_raw, out_raw, _ = _run(capsys, *argv, "--no-calibration")
     raw = _json_lines(out_raw)[0]
-    assert rc == rc_raw == 0
+    rc_typed, out_typed, _ = _run(capsys, *argv)
+    assert rc == rc_raw == rc_typed == 0
+    assert _json_lines(out_typed)[0]["strategy"] == raw["strategy"]  # a typed tau is raw unless --calibrated
     assert calibrated["strategy"] == "confadapt(tau=4e-05,k_max=4,calibrated)"
-    assert raw["strategy"] == "confadapt(tau=4e-05,k_max=4)"
+    assert raw["strategy"] == "confadapt(tau=4e-05,k_max=4,raw)"
     assert max(raw["accepted_per_step"]) > 1  # the random model's raw top-1 probability (~1/V) passes tau sometimes ...
     assert max(calibrated["accepted_per_step"]) == 1  # ... the flattened one (T = 16) never does past position 1
+    from adaptive.tuner import write_decoding_defaults
+
+    write_decoding_defaults(model_dir, "confadapt", 4, 4e-5, tau_scale="calibrated")  # as `mtp tune` records it
+    rc, out, _ = _run(capsys, "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--json")
+    assert rc == 0 and _json_lines(out)[0]["strategy"] == "confadapt(tau=4e-05,k_max=4,calibrated)"
+    (model_dir / "mtp_calibration.json").unlink()  # the recorded scale without its calibrator: one clear error
+    rc, _, err = _run(capsys, "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4")
+    assert rc == 2 and "calibrated scale" in err and err.count("error:") == 1

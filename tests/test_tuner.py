@@ -456,7 +456,7 @@ def test_write_decoding_defaults_round_trip(tiny_model_dir, tmp_path):
     model = _model_copy(tiny_model_dir, tmp_path)
     before = json.loads((model / "generation_config.json").read_text())
     write_decoding_defaults(model, "confadapt", 8, 0.95)
-    assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": 8, "tau": 0.95}
+    assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": 8, "tau": 0.95, "tau_scale": "raw"}
     after = json.loads((model / "generation_config.json").read_text())
     assert after["eos_token_id"] == before["eos_token_id"] and after["pad_token_id"] == before["pad_token_id"]
     write_decoding_defaults(model, "selfspec", 4, None)
@@ -703,7 +703,7 @@ def test_lossless_mode_is_chosen_only_when_measured_faster(monkeypatch, selfspec
 def test_tuner_writes_a_lossless_choice(tiny_model_dir, tmp_path):
     import shutil
 
-    from adaptive.strategies import decoding_defaults
+    from distill.decoding_defaults import read_decoding_defaults as decoding_defaults
     from adaptive.tuner import write_decoding_defaults
     from transformers import GenerationConfig
 
