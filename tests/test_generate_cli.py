@@ -173,6 +173,8 @@ def test_model_without_mtp_is_an_error_unless_converted_on_the_fly(smollm2_dir, 
     (["--prompt", "x", "--strategy", "static"], "needs --k"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt", "x", "--strategy", "beam"], "invalid choice"),
+    (["--prompt", "x", "--tau", "0.5", "--calibrated"], "--calibrated: "),
+    (["--prompt", "x", "--calibrated", "--no-calibration"], "not allowed with"),
 ])
 def test_bad_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, extra, message):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
