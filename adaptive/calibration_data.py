@@ -5,11 +5,12 @@ forward feeds [a, d_1..d_n] + masks; the logits at a, d_1..d_n are the model's g
 drafts d_i are the previous forward's mask argmaxes. So draft d_i was predicted by mask i of the previous forward (span
 position j = i + 1; its confidence comes from those mask logits) and its label is correct = (d_i == g_i): the model's
 own greedy token given the committed prefix plus the earlier span tokens, the student-forced label the training
-objective uses (§2.2). The run itself is exactly greedy decoding, so it doubles as the k=1 reference of an evaluation:
-the labels cost no extra forward.
+objective uses (§2.2). The run itself is lossless (the model's own greedy tokens, up to floating-point near-ties), so it
+doubles as the k=1 reference of an evaluation: the labels cost no extra forward.
 
-Position 1 is the ordinary next-token prediction, by definition the greedy token: it gets no label and keeps the
-paper's raw confidence, so ConfAdapt's gate on c_1 keeps its meaning. The collector's samples are the drafts at positions j >= 2.
+Position 1 is the ordinary next-token prediction, by definition the greedy token: it gets no label and keeps the paper's
+raw confidence, so ConfAdapt's gate on c_1 keeps its meaning. The collector's samples are the drafts at positions j >=
+2.
 
 Refits never need the [V]-sized logits again: every sample keeps log c_T on TEMPERATURE_GRID (41 temperatures from
 1/16 to 16, exact there), and between grid points log c_T is a cubic spline in log T (measured on SmolLM2 logits:
@@ -195,7 +196,8 @@ def collect(decoder, prompts: list[str] | list[list[int]], k_max: int, *, max_ne
             ) -> tuple[CalibrationSamples, list]:
     """Decode `prompts` with SelfSpeculative(k_max) while collecting (position, confidence, correct) samples.
 
-    Returns (samples, results); the results are exactly greedy decoding (self-speculative is lossless), so callers can
+    Returns (samples, results); the results are the model's greedy decoding (self-speculative is lossless, up to
+    floating-point near-ties), so callers can
     reuse them as the k=1 reference. Text prompts go through `generate_text` (chat template unless told otherwise);
     token-id lists are decoded as they are. `on_step`: another hook, also called with every step's trace.
     """

@@ -3,11 +3,11 @@ regenerate`, mtp_cli/regenerate.py, and by a recipe's `regenerate: true`).
 
 At decode time an MTP model conditions on its own greedy text, so distilling on that text keeps the prefixes
 on-policy (EAGLE-3, Medusa-2's self-distillation, SpecForge's regenerate_train_data). Each prompt is formatted as
-`mtp train` formats a question (the chat template's user turn plus the assistant header, or the plain format's
-`BOS + question + blank line`) and decoded greedily with the project's batched decoder: static k=1, or the lossless
-self-speculative mode when the model has a trained <MTP> (both are exact greedy decoding). Each output row is
-{"row", "question", "answer", "tokens", "forwards", "finish_reason", "round_trip"}; `mtp train` reads the question and
-answer columns and ignores the rest.
+`mtp train` formats a question (the chat template's user turn plus the assistant header, or the plain format's `BOS +
+question + blank line`) and decoded greedily with the project's batched decoder: static k=1, or the lossless
+self-speculative mode when the model has a trained <MTP> (both lossless: the model's greedy tokens, up to floating-point
+near-ties). Each output row is {"row", "question", "answer", "tokens", "forwards", "finish_reason", "round_trip"}; `mtp
+train` reads the question and answer columns and ignores the rest.
 
 Rules:
   * Rows are decoded in fixed batches of --batch-size consecutive prompts (a row's batch does not depend on where a
@@ -219,7 +219,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def default_strategy(model):
-    """Self-speculative (exact greedy, fewer forwards) when the model has a trained <MTP>, else static k=1."""
+    """Self-speculative (lossless greedy, fewer forwards) when the model has a trained <MTP>, else static k=1."""
     from adaptive.strategies import SelfSpeculative, Static
 
     if getattr(model.config, "mtp_mask_token_id", None) is not None:

@@ -3,7 +3,7 @@ prompts, and whether the answers are still the starting model's.
 
 `AcceptanceCallback` (a `transformers.TrainerCallback`; the trainer adds it when `acceptance_eval_steps` > 0):
   * at train start it decodes a fixed handful of held-out prompts (`acceptance_prompts`, `acceptance_max_new_tokens`
-    each) with static k=1 (exact greedy): the reference. It is saved as `acceptance_reference.json` in output_dir, so
+    each) with static k=1 (greedy): the reference. It is saved as `acceptance_reference.json` in output_dir, so
     a resumed run compares against the *starting* model's answers, not the checkpoint's, and cached under
     `cache_root()/acceptance/` keyed by the starting model's files, tokenizer, prompts and settings, so later runs
     from the same model (a recipe search, the demo) do not pay for it again;

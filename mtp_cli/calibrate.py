@@ -2,9 +2,9 @@
 
     mtp calibrate --model DIR [--dataset PATH|hub] [--n 32] [--k-max K] [--method temperature|isotonic]
 
-Decodes the last --n questions of the dataset self-speculatively (exactly greedy), labels every verified draft
-(adaptive/calibration_data.py), fits per-position calibration (adaptive/calibration.py) and saves it beside the model,
-where `mtp generate`, `mtp tune` and `mtp evaluate` find it.
+Decodes the last --n questions of the dataset self-speculatively (lossless: its greedy tokens), labels every verified
+draft (adaptive/calibration_data.py), fits per-position calibration (adaptive/calibration.py) and saves it beside the
+model, where `mtp tune` finds it (and `mtp generate`, `mtp evaluate` with --calibrated).
 
 Quality is measured honestly: the prompts are split in two halves (by prompt, seeded), a calibrator fitted on one half
 is scored on the other (the printed table, the reliability diagram and the `metrics` of the JSON). The saved
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_mtp_model(str(model_dir), args.dtype)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
     print(f"decoding the last {len(questions)} questions of {args.dataset} self-speculatively (k_max={k_max}, "
-          f"exactly greedy) to label every draft", file=sys.stderr)
+          f"lossless) to label every draft", file=sys.stderr)
     samples, results = collect(decoder, questions, k_max, max_new_tokens=args.max_new_tokens,
                                chat_template=not args.no_chat_template, batch_size=args.batch_size, progress=True)
     tokens = sum(len(r.token_ids) for r in results)
