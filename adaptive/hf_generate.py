@@ -22,10 +22,11 @@ The rule: the rows of a left-padded batch (`attention_mask`, as `generate` users
 model's generation config (`mtp_*`, written by `mtp export` and `mtp tune`) as `mtp generate` does. tau's scale follows
 `mtp generate`'s rule: an `mtp_tau` passed to the call thresholds the raw top-1 probability unless
 `mtp_calibration=True` (then the calibrator `mtp calibrate` saved beside the model); a tau taken from the generation
-config is on the scale recorded with it (`mtp_tau_scale`); `mtp_calibration=False` is always raw. `max_new_tokens` (or `max_length`), `eos_token_id` and `stop_strings` are honoured; the
-output is what `generate` returns: the input rows as given followed by the generated tokens, right-padded with the pad
-id after a row ends, or with `return_dict_in_generate=True` an `MTPGenerateOutput` (a `GenerateDecoderOnlyOutput`)
-that also carries each row's accepted tokens per forward pass and the acceptance metrics of adaptive/metrics.py.
+config is on the scale recorded with it (`mtp_tau_scale`); `mtp_calibration=False` is always raw. `max_new_tokens` (or
+`max_length`), `eos_token_id` and `stop_strings` are honoured; the output is what `generate` returns: the input rows as
+given followed by the generated tokens, right-padded with the pad id after a row ends, or with
+`return_dict_in_generate=True` an `MTPGenerateOutput` (a `GenerateDecoderOnlyOutput`) that also carries each row's
+accepted tokens per forward pass and the acceptance metrics of adaptive/metrics.py.
 
 Everything MTP decoding cannot honour is refused with one ValueError, never decoded some other way: sampling, beams,
 several sequences per prompt, logits processors (repetition penalty, bad words, ...), stopping criteria other than

@@ -103,8 +103,8 @@ def main(argv: list[str]) -> int:
         payload = {
             "model": args.model, "dataset": args.dataset, "split": args.split, "start": args.start,
             "n": len(problems), "format": args.format, "extract": args.extract, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-            "calibrated": any(getattr(s, "tau_scale", None) == "calibrated" for s in strategies), "reference": reference.label,
+            "batch_size": args.batch_size, "reference": reference.label,
+            "calibrated": any(getattr(s, "tau_scale", None) == "calibrated" for s in strategies),
             "indices": [p["index"] for p in problems], "gold": [p["answer"] for p in problems], "runs": runs,
         }
         print(f"wrote {write_json(json_path, payload)}", file=sys.stderr)

@@ -33,7 +33,8 @@ def main(argv: list[str], on_batch=None) -> int:
     parser.add_argument("--format", default="auto", choices=FORMATS,
                         help="auto: the chat template when the tokenizer has one (as `mtp train`), else plain")
     parser.add_argument("--strategy", choices=("auto", "static", "selfspec"), default="auto",
-                        help="auto: selfspec when the model has a trained <MTP>, else static k=1 (both the model's greedy tokens)")
+                        help="auto: selfspec when the model has a trained <MTP>, else static k=1 (both give the model's "
+                             "greedy tokens)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output (or discard a partial run) made with another fingerprint")
