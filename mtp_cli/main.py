@@ -35,7 +35,7 @@ COMMANDS = {
     "tune": ("mtp_cli.tune", "main", "pick tau / k_max for a certified accuracy drop or agreement with k=1, "
              "never slower than k=1 (Learn-then-Test)"),
     "evaluate": ("mtp_cli.evaluate", "main", "GSM8K accuracy, agreement with k=1, tokens/forward, wall-clock"),
-    "demo": ("adaptive.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
+    "demo": ("mtp_cli.demo", "main", "distil the default model, calibrate, tune and evaluate in one command"),
     "regenerate": ("mtp_cli.regenerate", "main", "the model's own greedy answers to a dataset's prompts (train data)"),
 }
 
