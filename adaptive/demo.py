@@ -62,7 +62,6 @@ DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 # The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
 # and fingerprint beside it): the demo distils on what the model itself writes and spends no budget on generating it.
 SELF_DATA = GSM8K_LOCAL.with_name("smollm2-135m-instruct.self.jsonl")
-DEMO_MARKER = CREATED_MARKER  # marks a directory the demo created, so a re-run may replace it and nothing else
 # Shares of the time budget: training 40%; tuning may start settings until 70% of the budget is spent (it always
 # evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
 TRAIN_SHARE = 0.4
