@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Callable
 
 from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model, stop_ids
 from distill.errors import UserError
-from distill.files import CREATED_MARKER, check_writable, created_by, mark_created, write_text_atomically
+from distill.files import check_writable, created_by, mark_created, write_text_atomically
 
 if TYPE_CHECKING:
     from adaptive.calibration import Calibrator
