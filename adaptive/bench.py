@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaptive.prompts import read_jsonl
+from adaptive.prompts import chat_ids, held_out_tail, read_jsonl
 from distill.errors import UserError
 
 PROMPT_LOOKUP_TOKENS = 10  # the value of HF's prompt-lookup docs/blog
@@ -70,15 +70,13 @@ def held_out_questions(path: str | Path, n: int) -> list[str]:
         questions.append(text)
     if len(questions) < n:
         raise UserError(f"{path} has {len(questions)} questions, fewer than --prompts {n}")
-    return questions[len(questions) - n :]
+    return held_out_tail(questions, n)[0]
 
 
 def encode_prompt(tokenizer, question: str) -> list[int]:
     """One user turn of the chat template (what `mtp generate` feeds), or the plain text without a template."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return chat_ids(tokenizer, question)
     return list(tokenizer(question)["input_ids"])
 
 
@@ -160,7 +158,7 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
     `prompt_lookup`: also run HF prompt-lookup decoding (row by row)."""
     from adaptive.loading import stop_ids
     from adaptive.decoder import MTPDecoder
-    from adaptive.metrics import acceptance_metrics, is_speculative
+    from adaptive.metrics import acceptance_metrics
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
     stops = stop_ids(model, tokenizer)
@@ -170,7 +168,7 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
     adaptive = [ConfAdapt(tau, k, scorer=scorer) for k in k_maxes] + [SelfSpeculative(k) for k in k_maxes]
     strategies = [Static(1), Static(3)] + adaptive
     lossless = {"hf-greedy": True, "hf-prompt-lookup": True, "static(k=1)": True}
-    lossless.update({s.label: True for s in strategies if isinstance(s, SelfSpeculative)})
+    lossless.update({s.label: True for s in strategies if s.speculative})
     modes = ["hf-greedy"] + (["hf-prompt-lookup"] if prompt_lookup else []) + [s.label for s in strategies]
     by_label = {s.label: s for s in strategies}
     results = []
@@ -195,7 +193,7 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
                 rows, seconds, generated = _run_mtp(decoder, strategy, prompts, b, max_new_tokens)
                 tokens = sum(len(r) for r in rows)
                 tpf = tokens / max(sum(r.forward_passes for r in generated), 1)
-                metrics = acceptance_metrics(generated, speculative=is_speculative(strategy), seconds=seconds)
+                metrics = acceptance_metrics(generated, speculative=strategy.speculative, seconds=seconds)
                 note = ""
             if mode == "hf-greedy":
                 greedy_rows = rows

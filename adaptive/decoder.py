@@ -63,7 +63,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adaptive.controller import ForwardCost, SpanController
+from adaptive.prompts import chat_ids, length_sorted_batches, longest_first
 from adaptive.strategies import Accepted, Strategy
+from distill.decoding_defaults import stop_token_ids as model_stop_ids
 from distill.errors import UserError
 from distill.tokens import get_mtp_token_id
 
@@ -153,7 +155,7 @@ class MTPDecoder:
         if not 0 <= self.mask_token_id < self.vocab_rows:
             raise UserError(f"<MTP> id {self.mask_token_id} is outside the embedding matrix ({self.vocab_rows} rows)")
         if stop_token_ids is None:
-            stop_token_ids = _default_stop_ids(model, tokenizer)
+            stop_token_ids = model_stop_ids(model, tokenizer)
         self.stop_token_ids = [int(t) for t in dict.fromkeys(stop_token_ids)]
         if self.mask_token_id in self.stop_token_ids:
             raise UserError("the <MTP> mask id cannot also be a stop token")
@@ -216,12 +218,9 @@ class MTPDecoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         encoded = [self._encode(p, chat_template) for p in prompts]
-        # Similar lengths in one batch waste fewer pad columns; results go back to the caller's order.
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc=f"generate {strategy.name}", unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for chunk in length_sorted_batches(encoded, batch_size):  # results go back to the caller's order
                 batch = self.generate([encoded[i] for i in chunk], strategy, max_new_tokens, stop_strings,
                                       on_step=on_step)
                 for i, result in zip(chunk, batch):
@@ -237,9 +236,7 @@ class MTPDecoder:
         if chat_template:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise UserError("the tokenizer has no chat template; feed the text as-is (chat_template=False)")
-            messages = [{"role": "user", "content": prompt}]
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+            return chat_ids(self.tokenizer, prompt)
         ids = self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise UserError("cannot decode an empty prompt")
@@ -379,7 +376,7 @@ class MTPDecoder:
 
     def _prefill_groups(self, rows: list[_Row], K: int):
         device = self.model.device
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].pending))
+        order = longest_first(rows, length=lambda row: len(row.pending))
         groups = [[order[0]]]
         for i in order[1:]:
             if len(rows[i].pending) * PREFILL_GROUP_RATIO >= len(rows[groups[-1][0]].pending):
@@ -483,17 +480,6 @@ def _check_stop_strings(stop_strings) -> list[str]:
     if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) for s in stop_strings):
         raise UserError(f"stop_strings must be a list of strings, got {stop_strings!r}")
     return [s for s in dict.fromkeys(stop_strings) if s]
-
-
-def _default_stop_ids(model, tokenizer) -> list[int]:
-    """Tokenizer EOS plus every EOS id of the generation config (chat models often list several)."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.extend(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return ids
 
 
 def _drop_unused_columns(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 from adaptive.gsm8k import EXTRACTIONS, STOP_STRINGS, answer_key, encode_prompt, gold_key
+from adaptive.prompts import length_sorted_batches
 from distill.errors import UserError
 
 
@@ -65,16 +66,13 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
         raise UserError(f"the reference run has {reference.n} answers for {len(problems)} problems")
     prompts = [encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
     stop_strings = STOP_STRINGS[prompt_format]
-    # similar lengths in one batch waste fewer pad columns; results go back to problem order
-    order = sorted(range(len(problems)), key=lambda i: -len(prompts[i]))
     results: list = [None] * len(problems)
     if getattr(strategy, "auto", False):  # the one-time forward-cost measurement stays out of the timed decode
         decoder.forward_cost.prepare(min(batch_size, len(problems)))
     seconds = 0.0
     with tqdm(total=len(problems), desc=f"evaluate {strategy.label}", unit="problem", disable=not progress,
               file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in length_sorted_batches(prompts, batch_size):  # results go back to problem order
             began = time.perf_counter()
             batch = decoder.generate([prompts[i] for i in chunk], strategy, max_new_tokens,
                                      stop_strings=stop_strings, on_step=on_step)

@@ -28,6 +28,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from adaptive.prompts import chat_ids
 from distill.errors import UserError
 
 PROMPT_FORMATS = ("cot8", "chat")
@@ -224,8 +225,7 @@ def build_prompt(question: str, prompt_format: str = "cot8", tokenizer=None) -> 
     if prompt_format == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("--format chat needs a tokenizer with a chat template; use --format cot8")
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
+        return chat_ids(tokenizer, question)
     raise UserError(f"unknown prompt format {prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
 
 

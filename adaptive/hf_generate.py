@@ -95,7 +95,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     from transformers.generation.logits_process import LogitsProcessorList
 
     from adaptive.decoder import MTPDecoder
-    from adaptive.metrics import acceptance_metrics, is_speculative
+    from adaptive.metrics import acceptance_metrics
 
     inputs = model_kwargs.pop("inputs", None)
     if input_ids is None:
@@ -185,7 +185,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         masks_per_step=[list(r.masks_per_step) for r in results],
         finish_reasons=[r.finish_reason for r in results],
         metrics={"strategy": strategy.label,
-                 **acceptance_metrics(results, speculative=is_speculative(strategy), seconds=seconds)},
+                 **acceptance_metrics(results, speculative=strategy.speculative, seconds=seconds)},
     )
 
 

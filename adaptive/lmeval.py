@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder
-from adaptive.metrics import acceptance_metrics, is_speculative
+from adaptive.metrics import acceptance_metrics
+from adaptive.prompts import length_sorted_batches
 from adaptive.strategies import ConfAdapt
 from distill.errors import UserError
 
@@ -166,15 +167,14 @@ class MTPLM(TemplateLM):
                 room = self.max_length - budget - (self.strategy.k_max - 1)  # the decoder reads k_max - 1 masks ahead
                 if room < 1:
                     raise UserError(f"mtp: max_gen_toks {budget} leaves no room for the prompt in {self.max_length}")
-                contexts = {i: self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in indices}
-                order = sorted(indices, key=lambda i: -len(contexts[i]))  # similar lengths share a batch
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start : start + self.batch_size]
+                contexts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in indices]
+                for chunk in length_sorted_batches(contexts, self.batch_size):  # similar lengths share a batch
                     began = time.perf_counter()
-                    results = self.decoder.generate([contexts[i] for i in chunk], self.strategy, budget,
+                    results = self.decoder.generate([contexts[j] for j in chunk], self.strategy, budget,
                                                     stop_strings=until)
                     self.decode_seconds += time.perf_counter() - began
-                    for i, result in zip(chunk, results):
+                    for j, result in zip(chunk, results):
+                        i = indices[j]
                         self.accepted_per_step += result.accepted_per_step
                         self.generations.append(result)
                         out[i] = result.text  # cut just before the first stop string
@@ -201,7 +201,7 @@ class MTPLM(TemplateLM):
             "mtp_decode_seconds": self.decode_seconds,
             "mtp_tokens_per_second": tokens / self.decode_seconds if self.decode_seconds else 0.0,
             # vLLM's names (mean_acceptance_length, acceptance_histogram, per-position acceptance rate, ...)
-            **acceptance_metrics(self.generations, speculative=is_speculative(self.strategy),
+            **acceptance_metrics(self.generations, speculative=self.strategy.speculative,
                                  seconds=self.decode_seconds or None),
         }
 

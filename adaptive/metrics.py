@@ -90,8 +90,9 @@ def acceptance_metrics(results: Iterable, *, speculative: bool = False, seconds:
 
 
 def is_speculative(strategy) -> bool:
-    """True for the self-speculative strategy (its drafts are counted as verified, see the module docstring)."""
-    return getattr(strategy, "name", None) == "selfspec"
+    """True for the self-speculative strategy (its drafts are counted as verified, see the module docstring): the
+    Strategy protocol's `speculative` (adaptive/strategies.py)."""
+    return bool(getattr(strategy, "speculative", False))
 
 
 def _as_arrays(confidence, correct) -> tuple[np.ndarray, np.ndarray]:

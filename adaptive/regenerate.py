@@ -25,8 +25,8 @@ Rules:
     the generated answer ids, or the model trains on other tokens than it wrote; each row records whether it does
     and the summary gives the rate.
 
-The last HELD_OUT_TAIL rows of a dataset are what `mtp tune` (its default --n), `mtp calibrate` and `mtp demo` hold
-out; a recipe's `regenerate: true` (`regenerate_for_training`) never regenerates them.
+The last HELD_OUT_TAIL rows of a dataset (adaptive/prompts.py) are what `mtp tune` (its default --n), `mtp calibrate`
+and `mtp demo` hold out; a recipe's `regenerate: true` (`regenerate_for_training`) never regenerates them.
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import os
 import time
 from pathlib import Path
 
+from adaptive.prompts import HELD_OUT_TAIL, chat_ids
 from distill.errors import UserError
 from distill.files import write_text_atomically
 
 WRITTEN_BY = "mtp regenerate"
 FORMAT_VERSION = 1
-# Rows at the end of a dataset that the tuner (default --n 200), the calibrator (32) and the demo (at most 92) hold
-# out; tests/test_regenerate.py checks it covers all three.
-HELD_OUT_TAIL = 200
 SELFSPEC_K_MAX = 4  # drafts per step of the self-speculative mode (a CPU rarely gains from more)
 
 
@@ -113,9 +111,7 @@ def encode_prompt(tokenizer, question: str, fmt: str) -> list[int]:
     """The ids `mtp train` puts before the answer: the chat template's user turn + assistant header, or the plain
     format's BOS + question + blank line (distill.data.format_example)."""
     if fmt == "chat":
-        messages = [{"role": "user", "content": question}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return chat_ids(tokenizer, question)
     return list(tokenizer(f"{tokenizer.bos_token or ''}{question}\n\n", add_special_tokens=False)["input_ids"])
 
 
@@ -229,7 +225,7 @@ def default_strategy(model):
 
 def make_decoder(model, tokenizer, strategy):
     from adaptive.decoder import MTPDecoder
-    from distill.export import stop_token_ids
+    from distill.decoding_defaults import stop_token_ids
 
     stops = stop_token_ids(model, tokenizer)
     mask = getattr(model.config, "mtp_mask_token_id", None)

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from adaptive.prompts import length_sorted_batches
+
 # Packed replay: logits read per forward (position 1 + masks of each region in the chunk), so memory per forward is
 # bounded by about REPLAY_MAX_SLOTS x vocabulary floats (SmolLM2: 1024 x 49152 x 4 B = 200 MB).
 REPLAY_MAX_SLOTS = 1024
@@ -171,10 +173,8 @@ def continue_rollouts(decoder, starts: Sequence[tuple[Sequence[int], Sequence[in
     No stop strings (a stop string begun before the start would not be seen); callers decode from the start then.
     """
     stops = set(decoder.stop_token_ids)
-    order = sorted(range(len(starts)), key=lambda j: -(len(starts[j][0]) + len(starts[j][1])))
     out: list = [None] * len(starts)
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
+    for chunk in length_sorted_batches(starts, batch_size, length=lambda start: len(start[0]) + len(start[1])):
         budgets = [max_new_tokens - len(starts[j][1]) for j in chunk]
         if min(budgets) < 1:
             raise ValueError("a start already holds max_new_tokens tokens")

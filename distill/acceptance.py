@@ -45,6 +45,7 @@ METRICS = ("accept_tokens_per_forward", "accept_mean_length", "accept_agreement"
 
 def held_out_prompts(args, n: int) -> tuple[list[str], str]:
     """(questions, where they come from): the eval split's first n questions, else the GSM8K train tail."""
+    from adaptive.prompts import held_out_tail
     from distill.data import load_examples, load_questions, train_eval_split
 
     if args.eval_fraction > 0 and args.dataset_name:
@@ -55,8 +56,8 @@ def held_out_prompts(args, n: int) -> tuple[list[str], str]:
         return questions, f"the eval split of {args.dataset_name}"
     if not GSM8K_TRAIN.is_file():
         raise UserError(f"acceptance_eval_steps needs held-out prompts: set eval_fraction > 0, or restore {GSM8K_TRAIN}")
-    questions = load_questions(str(GSM8K_TRAIN))
-    return questions[len(questions) - n :], f"the last {n} rows of {GSM8K_TRAIN.name} (held out by tune/demo)"
+    questions, _ = held_out_tail(load_questions(str(GSM8K_TRAIN)), n)
+    return questions, f"the last {n} rows of {GSM8K_TRAIN.name} (held out by tune/demo)"
 
 
 def acceptance_length(accepted_per_step: list[list[int]]) -> float:
@@ -100,7 +101,7 @@ class AcceptanceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------------------------
     def _decoder(self, model):
         from adaptive.decoder import MTPDecoder
-        from distill.export import stop_token_ids
+        from distill.decoding_defaults import stop_token_ids
 
         tokenizer = self.trainer.processing_class
         return MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))

@@ -5,6 +5,10 @@
 ("raw": the paper's top-1 probability, "calibrated": the confidence of the calibrator saved beside the model) — and
 every decoder reads them through `read_decoding_defaults`. Without a record: ConfAdapt at tau 0.9 on the raw top-1
 probability, k_max auto bounded by the k_max the model was trained with.
+
+Stop tokens (`stop_token_ids`): every EOS id the model carries — its generation config's (chat models often list
+several), its config's and its tokenizer's (ChatML: `<|im_end|>` ends the assistant turn). `mtp export` records them
+as the generation config's `eos_token_id`; every decoder stops at them unless given other ids.
 """
 
 from __future__ import annotations
@@ -57,3 +61,14 @@ def record_decoding_defaults(generation_config, *, strategy: str, k_max, tau: fl
     generation_config.mtp_k_max = k_max if isinstance(k_max, str) and k_max.startswith("auto") else int(k_max)
     generation_config.mtp_tau = None if tau is None else float(tau)
     generation_config.mtp_tau_scale = None if tau is None else tau_scale
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the generation config, then the config's and the tokenizer's, each once, in that order."""
+    ids: list[int] = []
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids

@@ -59,7 +59,8 @@ from distill.adapters import (
     read_marker,
     write_marker,
 )
-from distill.decoding_defaults import DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES, check_tau, record_decoding_defaults
+from distill.decoding_defaults import (DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES, check_tau, record_decoding_defaults,
+                                      stop_token_ids)
 from distill.errors import UserError
 from distill.files import check_replaceable_dir, mark_created, share_files
 from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -181,17 +182,6 @@ def load_for_export(model_dir: str, *, mask_adapter: str = "merge"):
             return peft_model, tokenizer
         return peft_model.merge_and_unload(), tokenizer
     return model, tokenizer
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids of the generation config plus the tokenizer's EOS (ChatML: `<|im_end|>` ends the assistant turn)."""
-    ids: list[int] = []
-    for source in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
-                   tokenizer.eos_token_id):
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
 
 
 def mtp_generation_config(model, tokenizer, *, strategy: str, k_max: int, tau: float):

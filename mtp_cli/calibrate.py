@@ -22,6 +22,7 @@ from adaptive.calibration import CALIBRATION_FILE, METHODS, Calibrator, fit
 from adaptive.calibration_data import CalibrationSamples, collect, split_by_prompt
 from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults, stop_ids
 from adaptive.metrics import calibration_metrics
+from adaptive.prompts import held_out_tail
 from adaptive.strategies import MAX_K, parse_k_max
 from distill.errors import UserError
 from distill.files import check_output_dir
@@ -166,4 +167,4 @@ def _held_out_questions(dataset: str, split: str, n: int) -> list[str]:
         ds = load_examples(dataset, split)
     if len(ds) < n:
         raise UserError(f"dataset {dataset} has {len(ds)} rows; --n asks for {n}")
-    return list(ds["query"][len(ds) - n :])
+    return list(held_out_tail(ds["query"], n)[0])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, stop_ids
 from adaptive.ltt import SPEEDS, min_certifiable_n
-from adaptive.prompts import load_prompts
+from adaptive.prompts import held_out_tail, load_prompts
 from adaptive.strategies import MAX_K
 from adaptive.tuner import DEFAULT_MEASURE, DEFAULT_N, K_MAX_GRID, TAU_GRID, read_generation_config, tune
 from distill.errors import UserError
@@ -193,9 +193,7 @@ def _calibration_problems(args) -> tuple[list[dict], int]:
         problems = load_problems(args.dataset, args.split, limit=args.n, start=args.start)
         start = args.start
     else:  # the tail: rows a default training run is least likely to have seen, never `mtp evaluate`'s test split
-        everything = load_problems(args.dataset, args.split)
-        start = max(0, len(everything) - args.n)
-        problems = everything[start:]
+        problems, start = held_out_tail(load_problems(args.dataset, args.split), args.n)
     if len(problems) < args.n:
         raise UserError(f"{args.dataset} has only {len(problems)} rows from row {start}; --n asks for {args.n}")
     return problems, start
