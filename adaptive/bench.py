@@ -156,12 +156,12 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
     """Measure every mode at every concurrency; one dict per (concurrency, mode), ratios taken at the same
     concurrency. `scorer`: ConfAdapt's confidence (the model's calibrator, so tau means what `mtp tune` certified).
     `prompt_lookup`: also run HF prompt-lookup decoding (row by row)."""
-    from adaptive.loading import stop_ids
+    from distill.decoding_defaults import stop_token_ids
     from adaptive.decoder import MTPDecoder
     from adaptive.metrics import acceptance_metrics
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
-    stops = stop_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     k_maxes = k_max if isinstance(k_max, list) else [k_max]

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model, stop_ids
+from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model
+from distill.decoding_defaults import stop_token_ids
 from distill.errors import UserError
 from distill.files import check_writable, created_by, mark_created, write_text_atomically
 
@@ -191,14 +192,14 @@ def split_data(dataset: str, plan: Plan, train_data: str, data_dir: Path) -> Spl
     """Held-out tail: [calibrate | tune | evaluate]; everything before it is training data (SELF_DATA, or the
     dataset's own rows written to data_dir/train.jsonl)."""
     from adaptive import gsm8k
+    from adaptive.prompts import held_out_tail
     from distill.data import load_examples
 
     ds = load_examples(dataset)
     if len(ds) < plan.held_out + 64:
         raise UserError(f"dataset {dataset} has {len(ds)} rows; the demo needs at least {plan.held_out + 64}")
-    n_train = len(ds) - plan.held_out
-    tail = [{"question": q, "answer": gsm8k.gold_answer(a)}
-            for q, a in zip(ds["query"][n_train:], ds["response"][n_train:])]
+    questions, n_train = held_out_tail(ds["query"], plan.held_out)
+    tail = [{"question": q, "answer": gsm8k.gold_answer(a)} for q, a in zip(questions, ds["response"][n_train:])]
     data_dir.mkdir(exist_ok=True)
     train_file = data_dir / "train.jsonl"
     if train_data == "self":
@@ -300,7 +301,7 @@ def load_decoder(model_dir: Path) -> MTPDecoder:
     from adaptive.decoder import MTPDecoder
 
     model, tokenizer = load_mtp_model(str(model_dir))
-    return MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    return MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
 
 
 def _base_decoder() -> MTPDecoder:
@@ -313,7 +314,7 @@ def _base_decoder() -> MTPDecoder:
     model = load_model(DEFAULT_MODEL)
     add_mtp_token(model, tokenizer)
     model.eval()
-    return MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    return MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

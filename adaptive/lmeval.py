@@ -39,7 +39,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults
+from distill.decoding_defaults import stop_token_ids
 from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder
 from adaptive.metrics import acceptance_metrics
@@ -94,7 +95,7 @@ class MTPLM(TemplateLM):
         self._device = _pick_device(device)
         self.model = model.to(self._device)
         self.tokenizer = tokenizer
-        self.decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+        self.decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
         if calibrator is not None:
             strategy = ConfAdapt(strategy.tau, strategy.k_max, scorer=calibrator)
         self.strategy = strategy

@@ -1,10 +1,11 @@
 """Loading an MTP model for decoding, and the decoding defaults it carries (shared by every decode-side command).
 
-`load_mtp_model` resolves an alias, a model directory or a LoRA run's output (a mask-only adapter is attached and
-gated, distill/adapters.py) and refuses a model without a trained `<MTP>` unless asked to add an untrained one.
-`mtp_defaults` reads the decoding defaults `mtp export` / `mtp tune` recorded in generation_config.json (else the
-paper's: ConfAdapt, k_max 16, tau 0.9, §4.2). `stop_ids` is the one stop-token lookup. `load_model_calibrator` finds
-the confidence calibrator `mtp calibrate` saved beside a model given by alias or directory.
+`load_mtp_model` resolves an alias, a model directory or a LoRA run's output (a mask-only adapter is attached and gated,
+distill/adapters.py) and refuses a model without a trained `<MTP>` unless asked to add an untrained one. `mtp_defaults`
+reads the decoding defaults `mtp export` / `mtp tune` recorded in generation_config.json (distill/decoding_defaults.py;
+else ConfAdapt at tau 0.9, §4.2, with k_max auto). `load_model_calibrator` finds the confidence calibrator `mtp
+calibrate` saved beside a model given by alias or directory, and `confidence_scorer` decides which confidence a tau
+thresholds: the raw top-1 probability or that calibrator's.
 """
 
 from __future__ import annotations
@@ -80,12 +81,6 @@ def mtp_defaults(name_or_path: str) -> dict:
     except (OSError, ValueError):
         k_max_trained = None
     return read_decoding_defaults(gen, k_max_trained)
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    from distill.export import stop_token_ids
-
-    return stop_token_ids(model, tokenizer)
 
 
 def load_model_calibrator(name_or_path: str):

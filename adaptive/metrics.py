@@ -89,12 +89,6 @@ def acceptance_metrics(results: Iterable, *, speculative: bool = False, seconds:
     }
 
 
-def is_speculative(strategy) -> bool:
-    """True for the self-speculative strategy (its drafts are counted as verified, see the module docstring): the
-    Strategy protocol's `speculative` (adaptive/strategies.py)."""
-    return bool(getattr(strategy, "speculative", False))
-
-
 def _as_arrays(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(confidence, dtype=np.float64).reshape(-1)
     y = np.asarray(correct).reshape(-1).astype(bool)

@@ -20,7 +20,8 @@ import numpy as np
 
 from adaptive.calibration import CALIBRATION_FILE, METHODS, Calibrator, fit
 from adaptive.calibration_data import CalibrationSamples, collect, split_by_prompt
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
+from distill.decoding_defaults import stop_token_ids
 from adaptive.metrics import calibration_metrics
 from adaptive.prompts import held_out_tail
 from adaptive.strategies import MAX_K, parse_k_max
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"the model's k_max is {k_max}; pass --k-max in [2, {MAX_K}]")
     questions = _held_out_questions(args.dataset, args.split, args.n)
     model, tokenizer = load_mtp_model(str(model_dir), args.dtype)
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     print(f"decoding the last {len(questions)} questions of {args.dataset} self-speculatively (k_max={k_max}, "
           f"lossless) to label every draft", file=sys.stderr)
     samples, results = collect(decoder, questions, k_max, max_new_tokens=args.max_new_tokens,

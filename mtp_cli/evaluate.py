@@ -18,7 +18,8 @@ from pathlib import Path
 
 from adaptive.evaluate import format_table, parse_strategies, run_eval
 from adaptive.gsm8k import EXTRACTIONS, PROMPT_FORMATS, encode_prompt, load_problems
-from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults
+from distill.decoding_defaults import stop_token_ids
 from distill.errors import UserError
 from mtp_cli.args import Parser, add_tau_scale_flags, at_least
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
     problems = load_problems(args.dataset, args.split, limit=args.limit, start=args.start)
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     encode_prompt(problems[0]["question"], args.format, tokenizer)  # a bad --format fails before any decoding
     if any(getattr(s, "tau_scale", None) == "calibrated" for s in strategies):
         print("ConfAdapt rows marked calibrated threshold the model's fitted calibrator; the others the raw top-1 "
@@ -92,13 +93,13 @@ def main(argv: list[str]) -> int:
     print(format_table(reports, reference))
 
     if json_path is not None:
-        from adaptive.metrics import acceptance_metrics, is_speculative
+        from adaptive.metrics import acceptance_metrics
 
         runs = []
         for r, strategy in zip(reports, [Static(1)] + strategies):
             ratio = r.tokens_per_second / reference.tokens_per_second if reference.tokens_per_second else None
             # vLLM's acceptance metrics under their names (adaptive/metrics.py); the report's own fields win
-            metrics = acceptance_metrics(r.results, speculative=is_speculative(strategy), seconds=r.seconds)
+            metrics = acceptance_metrics(r.results, speculative=strategy.speculative, seconds=r.seconds)
             runs.append({**metrics, **r.to_dict(), "speedup_vs_k1": ratio})
         payload = {
             "model": args.model, "dataset": args.dataset, "split": args.split, "start": args.start,

@@ -18,7 +18,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults, stop_ids
+from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults
+from distill.decoding_defaults import stop_token_ids
 from adaptive.prompts import read_prompts
 from adaptive.strategies import build_strategy
 from distill.errors import UserError
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
                                calibrated=args.calibrated) if confadapt else None
     strategy = build_strategy(defaults, args.strategy, k=args.k, tau=args.tau, k_max=args.k_max, scorer=scorer)
     model, tokenizer = load_mtp_model(args.model, args.dtype, convert=args.add_mtp_token)
-    stops = stop_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     start = time.perf_counter()
     results = decoder.generate_text(prompts, strategy, max_new_tokens=args.max_new_tokens,
@@ -77,10 +78,10 @@ def main(argv: list[str]) -> int:
     wall = time.perf_counter() - start
 
     if args.json:
-        from adaptive.metrics import acceptance_metrics, is_speculative
+        from adaptive.metrics import acceptance_metrics
 
         for r in results:  # each row: its own acceptance metrics (vLLM's names), over its own wall-clock time
-            metrics = acceptance_metrics([r], speculative=is_speculative(strategy),
+            metrics = acceptance_metrics([r], speculative=strategy.speculative,
                                          seconds=r.prefill_seconds + r.decode_seconds)
             print(json.dumps({**asdict(r), "strategy": strategy.label, "metrics": metrics}, ensure_ascii=False))
     else:

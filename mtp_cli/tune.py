@@ -24,7 +24,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, stop_ids
+from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model
+from distill.decoding_defaults import stop_token_ids
 from adaptive.ltt import SPEEDS, min_certifiable_n
 from adaptive.prompts import held_out_tail, load_prompts
 from adaptive.strategies import MAX_K
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_mtp_model(args.model, args.dtype)
     # tau is tuned on the confidence scale `mtp generate` will gate on: the saved calibrator's, when there is one
     calibrator = load_calibrator(resolve_model_path(args.model))
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     source = args.prompts if args.prompts is not None else args.dataset
     print(f"reference: static(k=1) on {len(problems)} problems "
           + (f"of {source}" if args.prompts is not None else

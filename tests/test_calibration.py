@@ -423,13 +423,14 @@ def test_ece_drops_on_trained_smollm2(trained_smollm2_dir, gsm8k_path):
     questions, so a held-out half of a dozen prompts is mostly luck of the draw (measured: with 12 prompts the ECE fell
     in only ~60% of random halves). 48 questions x 48 new tokens (~6k drafts, under a minute on 2 cores) made the drop
     hold in 30 of 30 random halves; five of them are checked here."""
-    from adaptive.loading import load_mtp_model, stop_ids
+    from adaptive.loading import load_mtp_model
+    from distill.decoding_defaults import stop_token_ids
     from distill.data import load_examples
 
     ds = load_examples(str(gsm8k_path))
     questions = list(ds["query"][len(ds) - 48 :])  # the tail: rows the short training run did not draw
     model, tokenizer = load_mtp_model(trained_smollm2_dir)
-    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_ids(model, tokenizer))
+    decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     samples, _ = collect(decoder, questions, 8, max_new_tokens=48, batch_size=16)
     assert len(set(samples.prompt.tolist())) == 48 and 0 < samples.correct.mean() < 1
     print(f"\ntrained SmolLM2, k_max 8: {len(samples)} verified drafts from 48 questions, draft accuracy "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from adaptive.loading import stop_ids
+from distill.decoding_defaults import stop_token_ids
 from adaptive.decoder import MTPDecoder
 from adaptive.lmeval import MTPLM
 from adaptive.strategies import Static
@@ -83,7 +83,7 @@ def lm(tiny_model_dir):
 
 def direct(lm: MTPLM, context: str, stop_strings: list[str]) -> str:
     """The same request decoded by MTPDecoder itself (plain tokens, the model's stop tokens)."""
-    decoder = MTPDecoder(lm.model, lm.tokenizer, stop_token_ids=stop_ids(lm.model, lm.tokenizer))
+    decoder = MTPDecoder(lm.model, lm.tokenizer, stop_token_ids=stop_token_ids(lm.model, lm.tokenizer))
     ids = lm.tokenizer(context)["input_ids"]
     return decoder.generate([ids], Static(2), MAX_GEN, stop_strings=stop_strings)[0].text
 
