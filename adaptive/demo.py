@@ -419,8 +419,9 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
 
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
-    rows[2]["label"] = f"confadapt tau={tau:g} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
-    rows[3]["label"] = f"confadapt tau={tau:g} k=auto:{k_max}"
+    scale = "raw" if calibrator is None else "calibrated"
+    rows[2]["label"] = f"confadapt tau={tau:g} {scale} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
+    rows[3]["label"] = f"confadapt tau={tau:g} {scale} k=auto:{k_max}"
     if lossless:
         rows[4]["label"] += " (tuned)"
     rows[-1]["label"] = "base model k=1 (undistilled)"
