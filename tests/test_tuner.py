@@ -557,9 +557,13 @@ def one_torch_thread():
 
 
 def _never_slower(report) -> None:
-    """The tuner's own report: a ConfAdapt choice was measured at least as fast as k=1 beside it."""
+    """The tuner's own report: a ConfAdapt or lossless choice was measured at least as fast as k=1 beside it."""
     choice = report["choice"]
-    if choice["strategy"] == "confadapt":
+    if choice["strategy"] == "selfspec":  # k=1's tokens exactly: chosen only when measured faster than k=1
+        lossless = report["lossless"]
+        assert lossless["tokens_per_second"] > lossless["reference_tokens_per_second"] > 0
+        assert choice["rule"] == "lossless-faster" and choice["k_max"] == lossless["k_max"]
+    elif choice["strategy"] == "confadapt":
         chosen = next(s for s in report["settings"] if (s["tau"], s["k_max"]) == (choice["tau"], choice["k_max"]))
         assert chosen["tokens_per_second"] >= chosen["reference_tokens_per_second"] > 0
         assert chosen["certified"] and choice["rule"] == "fastest-certified"
@@ -605,8 +609,11 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
     _never_slower(report)
     choice = report["choice"]
     if choice["strategy"] == "confadapt":
-        assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": choice["k_max"], "tau": choice["tau"]}
+        assert mtp_defaults(str(model)) == {"strategy": "confadapt", "k_max": choice["k_max"], "tau": choice["tau"],
+                                            "tau_scale": "raw"}
         assert f"chosen: confadapt tau={choice['tau']:g} k_max={choice['k_max']}" in out
+    elif choice["strategy"] == "selfspec":  # the lossless mode measured faster than k=1 on this run
+        assert mtp_defaults(str(model))["strategy"] == "selfspec" and "(lossless)" in out
     else:
         assert "measured slower than k=1" in choice["reason"] and "chosen: plain decoding (static k=1)" in out
         assert mtp_defaults(str(model))["strategy"] == "static"
