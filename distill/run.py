@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.models import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STAGING = ".final.partial"
 
 

@@ -21,7 +21,8 @@ import torch
 
 from adaptive.bench import (COLLAPSE_ANCHORS, PROMPT_LOOKUP_TOKENS, format_sweep, format_table, held_out_questions,
                             run_bench)
-from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults
+from adaptive.loading import confidence_scorer, load_mtp_model, mtp_defaults
+from distill.models import DTYPES, GSM8K_TRAIN
 from distill.errors import UserError
 from distill.models import DEFAULT_MODEL
 from mtp_cli.args import Parser, add_tau_scale_flags, at_least
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     parser = Parser(prog="mtp bench-decode",
                     description="tokens/s of each strategy vs HF greedy and prompt lookup, at each concurrency")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL), help="GSM8K-style JSON lines; its tail is used")
+    parser.add_argument("--dataset", default=str(GSM8K_TRAIN), help="GSM8K-style JSON lines; its tail is used")
     parser.add_argument("--concurrency", "--batch-sizes", dest="concurrency", default=DEFAULT_CONCURRENCY,
                         metavar="LIST", help="requests decoded together, comma-separated (default 1,16); "
                                              "--batch-sizes is the same flag")

@@ -20,7 +20,8 @@ import numpy as np
 
 from adaptive.calibration import CALIBRATION_FILE, METHODS, Calibrator, fit
 from adaptive.calibration_data import CalibrationSamples, collect, split_by_prompt
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model, mtp_defaults
+from adaptive.loading import load_mtp_model, mtp_defaults
+from distill.models import DTYPES, GSM8K_TRAIN
 from distill.decoding_defaults import stop_token_ids
 from adaptive.metrics import calibration_metrics
 from adaptive.prompts import held_out_tail
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
                     "self-speculative rollouts (labels: draft == the model's own greedy token); saved beside the "
                     "model, used by mtp generate / tune / evaluate.")
     parser.add_argument("--model", required=True, help="MTP model directory (with a trained <MTP> token)")
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL),
+    parser.add_argument("--dataset", default=str(GSM8K_TRAIN),
                         help="questions: a local .jsonl/.json/.parquet or a hub name (default: the GSM8K train file; "
                         "its last --n rows are used, rows a training run on its head has not seen)")
     parser.add_argument("--split", default="train", help="split of a hub dataset (default train)")

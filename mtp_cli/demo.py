@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptive.demo import DELTA, DEMO_RECIPE, SELF_DATA, TUNE_AGREEMENT, DemoOptions, run_demo
-from adaptive.loading import GSM8K_LOCAL, REPO
+from distill.models import GSM8K_TRAIN, REPO
 from distill.errors import UserError
 from mtp_cli.args import Parser, check_fraction
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
                     "strategies on held-out questions.")
     parser.add_argument("--minutes", type=float, default=20.0, help="time budget on 2 CPU cores (default 20)")
     parser.add_argument("--output-dir", default="outputs/demo")
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL),
+    parser.add_argument("--dataset", default=str(GSM8K_TRAIN),
                         help="GSM8K-style data (local .jsonl or hub name); its last rows are held out")
     parser.add_argument("--target-agreement", type=float, default=TUNE_AGREEMENT,
                         help="agreement with k=1's final answers the tuner must certify, in (0, 1] "
@@ -56,10 +56,10 @@ def main(argv: list[str]) -> int:
     check_fraction(args.delta, "--delta")
     if not DEMO_RECIPE.is_file():
         raise UserError(f"recipe {DEMO_RECIPE} not found (run the demo from a checkout of the repository)")
-    default_dataset = Path(args.dataset).expanduser().resolve() == GSM8K_LOCAL.resolve()
+    default_dataset = Path(args.dataset).expanduser().resolve() == GSM8K_TRAIN.resolve()
     train_data = args.train_data or ("self" if default_dataset else "dataset")
     if train_data == "self" and not default_dataset:
-        raise UserError(f"--train-data self: {SELF_DATA.name} answers the questions of {GSM8K_LOCAL.name}; with "
+        raise UserError(f"--train-data self: {SELF_DATA.name} answers the questions of {GSM8K_TRAIN.name}; with "
                         "another --dataset use --train-data dataset (or make your own with `mtp regenerate`)")
 
     result = run_demo(DemoOptions(minutes=args.minutes, output_dir=Path(args.output_dir), dataset=args.dataset,

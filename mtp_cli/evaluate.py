@@ -18,12 +18,13 @@ from pathlib import Path
 
 from adaptive.evaluate import format_table, parse_strategies, run_eval
 from adaptive.gsm8k import EXTRACTIONS, PROMPT_FORMATS, encode_prompt, load_problems
-from adaptive.loading import DTYPES, GSM8K_LOCAL, confidence_scorer, load_mtp_model, mtp_defaults
+from adaptive.loading import confidence_scorer, load_mtp_model, mtp_defaults
+from distill.models import DTYPES, GSM8K_TRAIN
 from distill.decoding_defaults import stop_token_ids
 from distill.errors import UserError
 from mtp_cli.args import Parser, add_tau_scale_flags, at_least
 
-GSM8K_TEST = GSM8K_LOCAL.with_name("test.jsonl")
+GSM8K_TEST = GSM8K_TRAIN.with_name("test.jsonl")
 DEFAULT_STRATEGIES = "static:3,confadapt,selfspec"
 
 

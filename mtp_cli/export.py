@@ -5,7 +5,8 @@ What is written and how (LoRA merged, a mask-only adapter kept beside the base w
 """
 
 from distill.decoding_defaults import DEFAULT_K_MAX, DEFAULT_TAU, STRATEGIES
-from distill.export import DTYPES, export_model
+from distill.export import export_model
+from distill.models import DTYPES
 from mtp_cli.args import Parser
 
 

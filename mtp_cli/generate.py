@@ -18,7 +18,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from adaptive.loading import DTYPES, confidence_scorer, load_mtp_model, mtp_defaults
+from adaptive.loading import confidence_scorer, load_mtp_model, mtp_defaults
+from distill.models import DTYPES
 from distill.decoding_defaults import stop_token_ids
 from adaptive.prompts import read_prompts
 from adaptive.strategies import build_strategy

@@ -11,7 +11,7 @@ goes into DIR/generation_config.json unless --no-write. This module parses and c
 calibration problems and loads the model.
 
 Data. By default the calibration problems are the last --n rows of the local GSM8K *train* file
-(adaptive.loading.GSM8K_LOCAL), disjoint from `mtp evaluate`'s *test* split; --start picks other rows. --prompts reads
+(distill.models.GSM8K_TRAIN), disjoint from `mtp evaluate`'s *test* split; --start picks other rows. --prompts reads
 unlabelled prompts (agreement target only), the first --n of the file.
 
 Bad input (a target outside its range, both targets, --target-drop on unlabelled prompts, a prompts file without
@@ -24,7 +24,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from adaptive.loading import DTYPES, GSM8K_LOCAL, load_mtp_model
+from adaptive.loading import load_mtp_model
+from distill.models import DTYPES, GSM8K_TRAIN
 from distill.decoding_defaults import stop_token_ids
 from adaptive.ltt import SPEEDS, min_certifiable_n
 from adaptive.prompts import held_out_tail, load_prompts
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
                              "where a setting diverges (default); rollout: decode every setting on every question")
     parser.add_argument("--taus", default=",".join(f"{t:g}" for t in TAU_GRID), help="comma-separated tau grid")
     parser.add_argument("--k-max", default=",".join(map(str, K_MAX_GRID)), help="comma-separated k_max values")
-    parser.add_argument("--dataset", default=str(GSM8K_LOCAL),
+    parser.add_argument("--dataset", default=str(GSM8K_TRAIN),
                         help="calibration problems: a hub name or a local jsonl (default: the GSM8K train file)")
     parser.add_argument("--split", default="train", help="split of a hub dataset (default train; evaluate uses test)")
     parser.add_argument("--start", type=int, help="first row (default: the last --n rows)")
