@@ -19,14 +19,14 @@ from mtp_cli.args import Parser, check_fraction
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'decoding':<42} {'accuracy':>14} {'agree k=1':>9} {'tok/fwd':>12} {'tok/s':>7} {'× k=1':>6}"
+    head = f"{'decoding':<48} {'accuracy':>14} {'agree k=1':>9} {'tok/fwd':>12} {'tok/s':>7} {'× k=1':>6}"
     lines = [head, "-" * len(head)]
     base = rows[0]["tokens_per_second"] or 1e-9
     for r in rows:
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
         agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%"
         tpf = f"{r['tokens_per_forward_mean']:.2f} ± {r['tokens_per_forward_std']:.2f}"
-        lines.append(f"{r['label']:<42} {acc:>14} {agree:>9} {tpf:>12} {r['tokens_per_second']:>7.1f} "
+        lines.append(f"{r['label']:<48} {acc:>14} {agree:>9} {tpf:>12} {r['tokens_per_second']:>7.1f} "
                      f"{r['tokens_per_second'] / base:>6.2f}")
     return "\n".join(lines)
 
