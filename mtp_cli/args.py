@@ -11,7 +11,7 @@ import argparse
 
 from distill.errors import UserError, check_fraction
 
-__all__ = ["Parser", "at_least", "check_fraction", "number_list"]
+__all__ = ["Parser", "add_tau_scale_flags", "at_least", "check_fraction", "number_list"]
 
 
 class Parser(argparse.ArgumentParser):
