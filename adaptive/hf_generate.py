@@ -243,7 +243,7 @@ def _attach_exported_adapter(model) -> None:
 def _strategy(model, mtp: dict, calibration: bool | None):
     """The strategy from the mtp_* kwargs, defaults from the model's generation config (`mtp generate`'s rule)."""
     from adaptive.strategies import make_strategy
-    from distill.decoding_defaults import read_decoding_defaults
+    from distill.decoding_defaults import read_decoding_defaults, wants_calibrated
 
     defaults = read_decoding_defaults(getattr(model, "generation_config", None),
                                       getattr(model.config, "mtp_k_max", None))
@@ -260,10 +260,9 @@ def _strategy(model, mtp: dict, calibration: bool | None):
     if k is None and k_max is None:
         k_max = defaults["k_max"]
     tau = defaults["tau"] if mtp["tau"] is None else mtp["tau"]
-    if calibration is None:
-        calibration = mtp["tau"] is None and defaults["tau_scale"] == "calibrated"
     scorer = None
-    if calibration and name.strip().lower() == "confadapt":
+    if wants_calibrated(defaults, tau_given=mtp["tau"] is not None, calibrated=calibration) and \
+            name.strip().lower() == "confadapt":
         from adaptive.calibration import load_calibrator
 
         path = _model_path(model)

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from distill.adapters import attach_mask_adapter, exported_adapter
+from distill.decoding_defaults import wants_calibrated
 from distill.errors import UserError
 from distill.models import DTYPES, load_model, load_tokenizer
 from distill.tokens import MTP_TOKEN, add_mtp_token
-
 
 
 def load_mtp_model(name_or_path: str, dtype: str = "float32", *, convert: bool = False):
@@ -94,9 +94,7 @@ def confidence_scorer(name_or_path: str, defaults: dict, *, tau_given: bool, cal
     with it (`mtp_tau_scale`, written by `mtp tune`); `calibrated` False (--no-calibration) is always raw. Asking for
     the calibrated scale where no calibrator was saved is an error, not a silent fall-back to raw."""
     recorded = calibrated is None
-    if recorded:
-        calibrated = not tau_given and defaults.get("tau_scale") == "calibrated"
-    if not calibrated:
+    if not wants_calibrated(defaults, tau_given=tau_given, calibrated=calibrated):
         return None
     calibrator = load_model_calibrator(name_or_path)
     if calibrator is None:

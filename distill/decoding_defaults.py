@@ -49,6 +49,14 @@ def read_decoding_defaults(generation_config, trained_k_max=None) -> dict:
     }
 
 
+def wants_calibrated(defaults: dict, *, tau_given: bool, calibrated: bool | None) -> bool:
+    """Whether ConfAdapt's tau thresholds the calibrated confidence: `calibrated` when the caller says (True:
+    --calibrated, False: --no-calibration); otherwise a typed tau is raw and a recorded tau keeps its recorded scale."""
+    if calibrated is not None:
+        return bool(calibrated)
+    return not tau_given and defaults.get("tau_scale") == "calibrated"
+
+
 def record_decoding_defaults(generation_config, *, strategy: str, k_max, tau: float | None,
                              tau_scale: str = "raw") -> None:
     """Write the `mtp_*` attributes into `generation_config` in place (tau None: no threshold recorded)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from adaptive.loading import load_mtp_model
+from adaptive.loading import load_model_calibrator, load_mtp_model
 from distill.models import DTYPES, GSM8K_TRAIN
 from distill.decoding_defaults import stop_token_ids
 from adaptive.ltt import SPEEDS, min_certifiable_n
@@ -113,12 +113,11 @@ def main(argv: list[str]) -> int:
                  "delta, or fewer --k-max values") + "). Running anyway; expect plain decoding (k=1).",
               file=sys.stderr)
 
-    from adaptive.calibration import load_calibrator
     from adaptive.decoder import MTPDecoder
 
     model, tokenizer = load_mtp_model(args.model, args.dtype)
     # tau is tuned on the confidence scale `mtp generate` will gate on: the saved calibrator's, when there is one
-    calibrator = load_calibrator(resolve_model_path(args.model))
+    calibrator = load_model_calibrator(args.model)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     source = args.prompts if args.prompts is not None else args.dataset
     print(f"reference: static(k=1) on {len(problems)} problems "
