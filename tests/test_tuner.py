@@ -580,8 +580,9 @@ def test_mtp_tune_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys,
               "--max-new-tokens", "8", "--batch-size", "4"]
     grid = ["--taus", "0.9,0.5", "--k-max", "2,4"]
 
-    # A 2-point target cannot be certified from 4 problems: said up front, then plain decoding is kept.
-    assert main([*common, *grid, "--target-drop", "0.02"]) == 0
+    # A 2-point target cannot be certified from 4 problems: said up front, then plain decoding is kept (the lossless
+    # mode, timed against k=1 on a tiny model, would win or lose by noise: its choice is checked below).
+    assert main([*common, *grid, "--target-drop", "0.02", "--no-lossless"]) == 0
     captured = capsys.readouterr()
     assert "nothing can be certified" in captured.err and "chosen: plain decoding (static k=1)" in captured.out
     report = json.loads((model / "tune" / "report.json").read_text())
