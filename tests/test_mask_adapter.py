@@ -95,6 +95,40 @@ def test_checkpoint_records_the_gate_and_loads_gated(trained, tiny_model_dir):
     assert type(q_proj()) is torch.nn.Linear  # ... one without runs the base model's own layers
 
 
+def test_siblings_share_one_a_product_and_stay_exact(trained):
+    """q/k/v and gate/up stack their A matrices (one product per input); a member called on another input computes
+    its own; on a CPU the rank-r products stay float32 when the model is cast to bfloat16."""
+    from adaptive.loading import load_mtp_model
+    from distill.adapters import GatedLoRALinear, mask_gate_of
+
+    trainer, checkpoint = trained
+    model, _ = load_mtp_model(str(checkpoint))
+    ids = _probe(trainer.mask_token_id)
+    torch.testing.assert_close(_logits(model, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
+    attn = model.model.layers[0].self_attn  # the gated layers are in place after a forward with masks
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    assert q.shared is k.shared is v.shared and o.shared is not q.shared
+    layers = [m for m in model.modules() if isinstance(m, GatedLoRALinear)]
+    assert len({id(m.shared) for m in layers}) == 4 * model.config.num_hidden_layers  # qkv, o, gate/up, down
+    # Each member equals its own LoRA (peft's weights, gated), whichever input its siblings saw last.
+    gate = mask_gate_of(model)
+    x = torch.randn(1, ids.shape[1], attn.q_proj.weight.shape[1])
+    gate.gate = (ids == trainer.mask_token_id).unsqueeze(-1)
+    gate._gate_as = {}
+    peft_layers = dict(trainer.model.named_modules())
+    for name, layer in (("q_proj", q), ("v_proj", v), ("k_proj", k)):
+        other = torch.randn_like(x)
+        q(other)  # the shared product now belongs to another input
+        peft = peft_layers[f"base_model.model.model.layers.0.self_attn.{name}"]
+        lora_a, lora_b = peft.lora_A["default"].weight, peft.lora_B["default"].weight
+        want = layer.base(x) + (x * gate.gate) @ lora_a.T @ lora_b.T * peft.scaling["default"]
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    model.to(torch.bfloat16)
+    assert all(m.lora_b.dtype == torch.float32 and m.shared.a.dtype == torch.float32 for m in layers)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert _logits(model, ids).dtype == torch.bfloat16
+
+
 def test_plain_decoding_is_the_base_models_greedy(trained, tiny_model_dir):
     """Oracle: static k=1 and self-speculative of the distilled model = HF greedy of the base, token for token;
     ConfAdapt's first token of every span is the base model's next token."""
