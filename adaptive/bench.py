@@ -30,6 +30,11 @@ concurrency, one line per mode, with those two anchors (distill/plots.py, `concu
 Tokens are counted per row up to and including the first stop token. For the lossless modes (static k=1, selfspec,
 prompt lookup) the table says whether each row's tokens equal HF greedy's at the same concurrency; the lossy ones
 report the same agreement for information. Every (mode, concurrency) is warmed up once before it is timed.
+
+Repeats (`--repeats N`). A shared machine drifts by several percent over a minute, which is the size of the ratios
+this benchmark is read for (is `k_max auto` within 5 % of k=1?). With N rounds every mode runs once per round, in an
+order rotated by the round, and each ratio is the median over rounds of the ratio within a round (tokens/s likewise
+the median of the rounds'); tokens/forward and agreement are the first round's (the decoding is deterministic).
 """
 
 from __future__ import annotations
@@ -150,17 +155,28 @@ def _run_mtp(decoder, strategy, prompts, concurrency, max_new_tokens):
     return [r.token_ids for r in results], time.perf_counter() - start, results
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int], max_new_tokens: int,
-              k_max: int | str | list, tau: float, scorer=None, prompt_lookup: bool = True,
+              k_max: int | str | list, tau: float, scorer=None, prompt_lookup: bool = True, repeats: int = 1,
               progress: bool = True) -> list[dict]:
     """Measure every mode at every concurrency; one dict per (concurrency, mode), ratios taken at the same
     concurrency. `scorer`: ConfAdapt's confidence (the model's calibrator, so tau means what `mtp tune` certified).
-    `prompt_lookup`: also run HF prompt-lookup decoding (row by row)."""
+    `prompt_lookup`: also run HF prompt-lookup decoding (row by row). `repeats`: rounds of every mode, interleaved
+    (round r runs the modes in an order rotated by r); a mode's tokens/s and its ratios are the medians over rounds
+    of its per-round figures, each ratio paired within its round, so a slow minute of a shared machine moves one
+    round of every mode instead of one mode."""
     from distill.decoding_defaults import stop_token_ids
     from adaptive.decoder import MTPDecoder
     from adaptive.metrics import acceptance_metrics
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise UserError(f"repeats must be a positive integer, got {repeats!r}")
     stops = stop_token_ids(model, tokenizer)
     decoder = MTPDecoder(model, tokenizer, stop_token_ids=stops)
     prompts = [encode_prompt(tokenizer, q) for q in questions]
@@ -171,49 +187,59 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
     lossless.update({s.label: True for s in strategies if s.speculative})
     modes = ["hf-greedy"] + (["hf-prompt-lookup"] if prompt_lookup else []) + [s.label for s in strategies]
     by_label = {s.label: s for s in strategies}
+
+    def run(mode: str, b: int, rows_in: list, new: int) -> dict:
+        if mode.startswith("hf-"):
+            lookup = mode == "hf-prompt-lookup"
+            rows, seconds, calls = _run_hf(model, tokenizer, rows_in, b, new, stops, lookup)
+            tokens = sum(len(r) for r in rows)
+            # Greedy commits one token per forward; prompt lookup runs batch 1, so calls are per row.
+            return {"rows": rows, "seconds": seconds, "tokens": tokens,
+                    "tpf": 1.0 if not lookup else tokens / max(calls, 1), "metrics": None}
+        strategy = by_label[mode]
+        rows, seconds, generated = _run_mtp(decoder, strategy, rows_in, b, new)
+        return {"rows": rows, "seconds": seconds, "tokens": sum(len(r) for r in rows),
+                "tpf": sum(len(r) for r in rows) / max(sum(r.forward_passes for r in generated), 1),
+                "metrics": acceptance_metrics(generated, speculative=strategy.speculative, seconds=seconds)}
+
     results = []
-    bar = tqdm(total=len(concurrency) * len(modes), desc="bench-decode", unit="run", disable=not progress)
+    bar = tqdm(total=len(concurrency) * len(modes) * repeats, desc="bench-decode", unit="run", disable=not progress)
     for b in concurrency:
-        greedy_rows = None
+        for mode in modes:  # every (mode, concurrency) is warmed up once before it is timed
+            warm = prompts[:1] if mode == "hf-prompt-lookup" else prompts[:b]
+            run(mode, b, warm, WARMUP_TOKENS)
+        rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for r in range(repeats):
+            for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+                bar.set_postfix_str(f"concurrency {b} {mode}" + (f" round {r + 1}" if repeats > 1 else ""))
+                rounds[mode].append(run(mode, b, prompts, max_new_tokens))
+                bar.update(1)
+        greedy_rows = rounds["hf-greedy"][0]["rows"]
         for mode in modes:
-            bar.set_postfix_str(f"concurrency {b} {mode}")
-            warm = prompts[:b]
-            metrics = None
-            if mode.startswith("hf-"):
-                lookup = mode == "hf-prompt-lookup"
-                _run_hf(model, tokenizer, warm[:1] if lookup else warm, b, WARMUP_TOKENS, stops, lookup)
-                rows, seconds, calls = _run_hf(model, tokenizer, prompts, b, max_new_tokens, stops, lookup)
-                tokens = sum(len(r) for r in rows)
-                # Greedy commits one token per forward; prompt lookup runs batch 1, so calls are per row.
-                tpf = 1.0 if not lookup else tokens / max(calls, 1)
-                note = "row-by-row (HF assisted generation is batch-1 only)" if lookup and b > 1 else ""
-            else:
-                strategy = by_label[mode]
-                _run_mtp(decoder, strategy, warm, b, WARMUP_TOKENS)
-                rows, seconds, generated = _run_mtp(decoder, strategy, prompts, b, max_new_tokens)
-                tokens = sum(len(r) for r in rows)
-                tpf = tokens / max(sum(r.forward_passes for r in generated), 1)
-                metrics = acceptance_metrics(generated, speculative=strategy.speculative, seconds=seconds)
-                note = ""
-            if mode == "hf-greedy":
-                greedy_rows = rows
-            equal = sum(r == g for r, g in zip(rows, greedy_rows))
+            first = rounds[mode][0]
+            equal = sum(r == g for r, g in zip(first["rows"], greedy_rows))
+            lookup = mode == "hf-prompt-lookup"
             results.append({
-                "concurrency": b, "mode": mode, "tokens": tokens, "seconds": round(seconds, 4),
-                "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
-                "tokens_per_forward": tpf, "lossless": lossless.get(mode, False),
-                "equal_to_hf_greedy": f"{equal}/{len(rows)}", "equal_fraction": equal / len(rows), "note": note,
-                **({"acceptance": metrics} if metrics else {}),  # vLLM's names (adaptive/metrics.py)
+                "concurrency": b, "mode": mode, "tokens": first["tokens"],
+                "seconds": round(_median([x["seconds"] for x in rounds[mode]]), 4),
+                "tokens_per_second": _median([x["tokens"] / x["seconds"] if x["seconds"] > 0 else float("nan")
+                                              for x in rounds[mode]]),
+                "tokens_per_forward": first["tpf"], "lossless": lossless.get(mode, False),
+                "equal_to_hf_greedy": f"{equal}/{len(first['rows'])}", "equal_fraction": equal / len(first["rows"]),
+                "note": "row-by-row (HF assisted generation is batch-1 only)" if lookup and b > 1 else "",
+                "repeats": repeats,
+                **({"acceptance": first["metrics"]} if first["metrics"] else {}),  # vLLM's names (adaptive/metrics.py)
             })
-            bar.update(1)
-    bar.close()
-    for b in concurrency:
-        at_b = [r for r in results if r["concurrency"] == b]
-        base = next(r for r in at_b if r["mode"] == "hf-greedy")["tokens_per_second"]
-        plain = next(r for r in at_b if r["mode"] == "static(k=1)")["tokens_per_second"]
+        at_b = results[-len(modes):]
+
+        def paired(mode: str, against: str) -> float:
+            return _median([(x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"])
+                            for x, y in zip(rounds[mode], rounds[against])])
+
         for r in at_b:
-            r["ratio_vs_hf_greedy"] = r["tokens_per_second"] / base
-            r["ratio_vs_k1"] = r["tokens_per_second"] / plain
+            r["ratio_vs_hf_greedy"] = paired(r["mode"], "hf-greedy")
+            r["ratio_vs_k1"] = paired(r["mode"], "static(k=1)")
+    bar.close()
     return results
 
 

@@ -111,12 +111,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-prompt-lookup", action="store_true",
                         help="leave out HF prompt lookup (batch-1 only: it repeats the row-by-row run at every "
                              "concurrency)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds of every mode; ratios are medians of per-round ratios (default 3)")
     parser.add_argument("--plot", metavar="PATH.png", help="write the ratio-to-HF-greedy vs concurrency figure here")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args(argv)
     concurrency = parse_concurrency(args.concurrency)
     args.prompts = prompt_count(args.prompts, concurrency)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
+    at_least("--repeats", args.repeats, 1)
     plot_path = check_plot_path(args.plot) if args.plot else None
     if args.threads is not None:
         if args.threads < 1:
@@ -137,12 +140,13 @@ def main(argv: list[str]) -> int:
     model.to(device)
     results = run_bench(model, tokenizer, questions, concurrency=concurrency, max_new_tokens=args.max_new_tokens,
                         k_max=k_maxes, tau=args.tau, scorer=scorer,
-                        prompt_lookup=not args.no_prompt_lookup, progress=True)
+                        prompt_lookup=not args.no_prompt_lookup, repeats=args.repeats, progress=True)
     doc = {
         "model": args.model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "dtype": args.dtype, "prompts": args.prompts,
-        "max_new_tokens": args.max_new_tokens, "concurrency": concurrency, "k_max": k_maxes, "tau": args.tau,
+        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "concurrency": concurrency,
+        "k_max": k_maxes, "tau": args.tau,
         "tau_scale": "raw" if scorer is None else "calibrated",
         "prompt_lookup_num_tokens": None if args.no_prompt_lookup else PROMPT_LOOKUP_TOKENS, "results": results,
         "anchors": list(COLLAPSE_ANCHORS),
@@ -151,7 +155,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(f"model {args.model} on {doc['device_name']} ({doc['threads']} threads), {args.prompts} GSM8K prompts, "
-              f"{args.max_new_tokens} new tokens max")
+              f"{args.max_new_tokens} new tokens max, {args.repeats} interleaved round(s), median ratios")
         print(format_table(results))
         if len(concurrency) > 1:
             print()

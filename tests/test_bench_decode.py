@@ -71,7 +71,7 @@ def test_bench_decode_concurrency_sweep_and_plot(tiny_model_dir, gsm8k_path, tmp
     plot.write_bytes(b"an earlier figure")  # replaced once the sweep is done
     rc = mtp_main(["bench-decode", "--model", tiny_model_dir, "--dataset", str(gsm8k_path), "--concurrency", "2,1",
                    "--prompts", "2", "--max-new-tokens", "4", "--k-max", "3,auto:3", "--tau", "0.5",
-                   "--no-prompt-lookup", "--json", "--plot", str(plot)])
+                   "--no-prompt-lookup", "--repeats", "1", "--json", "--plot", str(plot)])
     out, err = capsys.readouterr()
     assert rc == 0
     doc = json.loads(out)
@@ -165,3 +165,50 @@ def test_held_out_questions_errors(tmp_path):
     bad.write_text('{"question": "a"}\n{"answer": "b"}\n')
     with pytest.raises(UserError, match=r"q.jsonl:2:"):
         held_out_questions(bad, 1)
+
+
+def test_repeats_interleave_the_modes_and_pair_each_ratio_within_its_round(tiny_model_dir, monkeypatch):
+    """Round r runs the modes rotated by r; a round the machine slowed down (every mode 3x slower) moves no ratio,
+    and each ratio is the median over rounds of the within-round ratio."""
+    import adaptive.bench as bench
+    from adaptive.loading import load_mtp_model
+
+    model, tokenizer = load_mtp_model(tiny_model_dir)
+    speed = {"hf-greedy": 10.0, "static(k=1)": 9.0, "static(k=3)": 18.0, "confadapt(tau=0.5,k_max=4,raw)": 7.0,
+             "selfspec(k_max=4)": 12.0}  # tokens per second of an undisturbed round
+    order, calls = [], {"n": 0}
+
+    def timed(label, rows_in, new):
+        if new == bench.WARMUP_TOKENS:
+            return [[1] * new for _ in rows_in], 1.0
+        order.append(label)
+        round_ = calls["n"] // len(speed)
+        calls["n"] += 1
+        tokens = 10 * len(rows_in)
+        return [[1] * 10 for _ in rows_in], tokens / speed[label] * (3.0 if round_ == 1 else 1.0)
+
+    class Result:
+        forward_passes = 5
+
+    def fake_hf(model_, tokenizer_, rows_in, b, new, stops, lookup):
+        rows, seconds = timed("hf-greedy", rows_in, new)
+        return rows, seconds, len(rows) * new
+
+    def fake_mtp(decoder, strategy, rows_in, b, new):
+        rows, seconds = timed(strategy.label, rows_in, new)
+        return rows, seconds, [Result() for _ in rows]
+
+    monkeypatch.setattr(bench, "_run_hf", fake_hf)
+    monkeypatch.setattr(bench, "_run_mtp", fake_mtp)
+    monkeypatch.setattr("adaptive.metrics.acceptance_metrics", lambda *a, **k: {})
+    results = bench.run_bench(model, tokenizer, ["q1", "q2"], concurrency=[2], max_new_tokens=10, k_max=4, tau=0.5,
+                              prompt_lookup=False, repeats=3, progress=False)
+    modes = list(speed)
+    assert order == modes + modes[1:] + modes[:1] + modes[2:] + modes[:2]
+    by = {r["mode"]: r for r in results}
+    for mode, tps in speed.items():
+        assert by[mode]["ratio_vs_k1"] == pytest.approx(tps / speed["static(k=1)"])
+        assert by[mode]["ratio_vs_hf_greedy"] == pytest.approx(tps / speed["hf-greedy"])
+        assert by[mode]["tokens_per_second"] == pytest.approx(tps) and by[mode]["repeats"] == 3
+    with pytest.raises(UserError, match="repeats"):
+        bench.run_bench(model, tokenizer, ["q1"], concurrency=[1], max_new_tokens=4, k_max=4, tau=0.5, repeats=0)
