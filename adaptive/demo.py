@@ -19,10 +19,11 @@ prints it). Four stages, each with a progress bar, each inside a share of the ti
    SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is
    what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
-   tuned setting, the same tau with the masks per step chosen by the cost-aware controller (`k_max auto`), and the
-   lossless self-speculative mode under that controller, side by side on the same machine; then the undistilled base
-   model's k=1, to show what distillation cost the model's own answers (nothing, token for token, with mask-only
-   adapters; the row checks it).
+   tuned setting when the tuner chose one, the same tau with the masks per step chosen by the cost-aware controller
+   (`k_max auto`), and the lossless self-speculative mode under that controller, side by side on the same machine
+   (a fixed k_max the tuner measured slower than k=1 is not run again: its speed is in the tuner's report); then the
+   undistilled base model's k=1, to show what distillation cost the model's own answers (nothing, token for token,
+   with mask-only adapters; the row checks it).
 
 Training data: by default the model's own greedy answers to the head of the GSM8K train file
 (`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; train_data "dataset" uses the
@@ -393,24 +394,26 @@ class Evaluation:
 
 def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tuple[int, ...], calibrator: Calibrator,
              tuning: dict) -> Evaluation:
-    """Stage 4: k=1, Static k=3, ConfAdapt at the tuned setting, the same tau under the cost-aware controller, the
-    lossless mode under it, and the undistilled base model's k=1, on the same problems."""
+    """Stage 4: k=1, Static k=3, ConfAdapt at the tuned setting (only when the tuner chose it), the same tau under the
+    cost-aware controller, the lossless mode under it, and the undistilled base model's k=1, on the same problems.
+
+    When the tuner kept plain decoding or chose the lossless mode, no fixed k_max was chosen, so ConfAdapt runs as the
+    product runs it then: the cost-aware controller (`k_max auto`, up to the largest k_max) at the most conservative
+    tau; the certified fixed-k_max setting's speed is in the tuner's report, measured beside k=1."""
     from adaptive.evaluate import run_eval
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
     choice = tuning["choice"]
     certified = choice["strategy"] == "confadapt"
     lossless = choice["strategy"] == "selfspec"
-    # Plain decoding or the lossless mode chosen (nothing certified, or nothing certified was faster): the table still
-    # shows ConfAdapt at the most conservative tau and the largest k_max, marked as not chosen.
     tau = choice["tau"] if certified else max(plan.taus)
     k_max = choice["k_max"] if certified else max(k_maxes)
-    tuned = ConfAdapt(tau, k_max, scorer=calibrator)
     # The same tau with the masks per step chosen by the cost-aware controller (at most k_max - 1), and the lossless
     # mode under the same controller: the two that must never be slower than k=1.
     tuned_auto = ConfAdapt(tau, f"auto:{k_max}", scorer=calibrator)
     lossless_k_max = (tuning.get("lossless") or {}).get("k_max") or f"auto:{max(k_maxes)}"
-    strategies = [Static(3), tuned, tuned_auto, SelfSpeculative(lossless_k_max)]
+    strategies = [Static(3)] + ([ConfAdapt(tau, k_max, scorer=calibrator)] if certified else []) + [
+        tuned_auto, SelfSpeculative(lossless_k_max)]
     common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
     reports = [run_eval(decoder, problems, Static(1), **common)]
     for strategy in strategies:
@@ -421,12 +424,14 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"
     scale = "raw" if calibrator is None else "calibrated"
-    rows[2]["label"] = f"confadapt tau={tau:g} {scale} k={k_max} " + ("(tuned)" if certified else "(not chosen)")
-    rows[3]["label"] = f"confadapt tau={tau:g} {scale} k=auto:{k_max}"
+    auto_row = 3 if certified else 2
+    if certified:
+        rows[2]["label"] = f"confadapt tau={tau:g} {scale} k={k_max} (tuned)"
+    rows[auto_row]["label"] = f"confadapt tau={tau:g} {scale} k=auto:{k_max}"
     if lossless:
-        rows[4]["label"] += " (tuned)"
+        rows[auto_row + 1]["label"] += " (tuned)"
     rows[-1]["label"] = "base model k=1 (undistilled)"
-    shown = 4 if lossless else 2
+    shown = auto_row + 1 if lossless else 2  # the tuned decoding, else ConfAdapt's row
     return Evaluation(reports, base, rows, shown, strategies[shown - 1].label)
 
 
@@ -438,7 +443,7 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
 class DemoResult:
     """Everything a run measured and wrote (report.json holds the same, for the files)."""
 
-    rows: list[dict]  # the table: k=1, Static k=3, ConfAdapt tuned, ConfAdapt auto, self-speculative, base model k=1
+    rows: list[dict]  # the table: k=1, Static k=3, [ConfAdapt tuned,] ConfAdapt auto, self-speculative, base model k=1
     choice: dict  # the tuner's choice (strategy, tau, k_max, reason), written into the model's generation config
     base_agreement: float  # the base model's k=1 final answers against the distilled model's k=1
     same_tokens: int  # questions where they agree token for token

@@ -185,7 +185,10 @@ class ConfAdapt:
 
     def accept(self, logits: torch.Tensor, pending: list[list[int]], drafts: list[int],
                masks: int) -> list[Accepted]:
-        """The longest run of confidence >= tau over the masks + 1 positions read (§4.2); see `Strategy.accept`."""
+        """The longest run of confidence >= tau over the masks + 1 positions read (§4.2); see `Strategy.accept`.
+        Without masks (a plain step of the span controller) the one token is taken without scoring it."""
+        if masks == 0:
+            return accept_prefixes([1] * logits.shape[0], logits, pending, 0)
         return accept_prefixes(self.accept_counts(logits[:, logits.shape[1] - (masks + 1) :]).tolist(), logits,
                                pending, masks)
 

@@ -80,3 +80,39 @@ def test_demo_three_minutes_writes_every_artefact(smollm2_dir, gsm8k_path, tmp_p
         assert gen["mtp_k_max"] == choice["k_max"] and tuning["lossless"]["speedup_vs_k1"] > 1
     else:
         assert (gen["mtp_strategy"], gen["mtp_k_max"]) == ("static", 1)
+
+
+@pytest.mark.parametrize("choice, labels, shown", [
+    ({"strategy": "confadapt", "tau": 0.9, "k_max": 4},
+     ["k=1 (next-token)", "static(k=3)", "confadapt tau=0.9 calibrated k=4 (tuned)",
+      "confadapt tau=0.9 calibrated k=auto:4", "selfspec(k_max=auto:4)"], "confadapt(tau=0.9,k_max=4,calibrated)"),
+    ({"strategy": "static", "tau": None, "k_max": None},
+     ["k=1 (next-token)", "static(k=3)", "confadapt tau=0.99 calibrated k=auto:4", "selfspec(k_max=auto:4)"],
+     "confadapt(tau=0.99,k_max=auto:4,calibrated)"),
+    ({"strategy": "selfspec", "tau": None, "k_max": "auto:4"},
+     ["k=1 (next-token)", "static(k=3)", "confadapt tau=0.99 calibrated k=auto:4", "selfspec(k_max=auto:4) (tuned)"],
+     "selfspec(k_max=auto:4)"),
+])
+def test_evaluate_runs_a_fixed_k_max_only_when_the_tuner_chose_it(monkeypatch, choice, labels, shown):
+    """The table holds the modes the product would run: a fixed-k_max ConfAdapt the tuner measured slower than k=1
+    (and so did not choose) is not evaluated again; ConfAdapt then runs under the span controller."""
+    from adaptive import demo
+    from adaptive.evaluate import EvalReport
+
+    ran = []
+
+    def fake_run_eval(decoder, problems, strategy, **kwargs):
+        ran.append((decoder, strategy.label))
+        return EvalReport(label=strategy.label, n=1, accuracy=0.0, stderr=float("nan"), agreement=1.0,
+                          tokens_per_forward_mean=1.0, tokens_per_forward_std=0.0, tokens=1, forwards=1, seconds=1.0,
+                          tokens_per_second=1.0, answers=["1"], correct=[False], results=[])
+
+    monkeypatch.setattr("adaptive.evaluate.run_eval", fake_run_eval)
+    monkeypatch.setattr(demo, "_base_decoder", lambda: "base")
+    plan = demo.Plan.for_minutes(20)
+    calibrator = lambda logits: logits.softmax(-1).amax(-1)  # noqa: E731  (any callable scorer)
+    tuning = {"choice": choice, "lossless": {"k_max": "auto:4"} if choice["strategy"] == "selfspec" else None}
+    result = demo.evaluate("distilled", [{"question": "q", "answer": "1"}], plan, (4,), calibrator, tuning)
+    assert [row["label"] for row in result.rows] == labels + ["base model k=1 (undistilled)"]
+    assert [decoder for decoder, _ in ran] == ["distilled"] * len(labels) + ["base"]
+    assert result.shown_label == shown and ran[result.shown][1] == shown
