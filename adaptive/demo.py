@@ -238,7 +238,7 @@ def _demo_callbacks(seconds: float) -> list:
         """The console shows loss, <MTP>-slot agreement / accuracy, confidence and the acceptance measurements only;
         trainer_state.json keeps every metric (the log history is copied before callbacks see the dict)."""
 
-        SHOWN = ("loss", "agree_pos>=2", "gt_acc", "confidence", "train_loss", "train_runtime",
+        SHOWN = ("loss", "agree_pos>=2", "gt_acc_pos>=2", "confidence", "train_loss", "train_runtime",
                  "accept_tokens_per_forward", "accept_agreement")
 
         def on_log(self, args, state, control, logs=None, **kwargs):

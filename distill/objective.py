@@ -34,8 +34,8 @@ PER_POSITION = ("agree", "confidence", "teacher_nll")
 
 def metric_names(k_max: int) -> list[str]:
     """Every metric key `mtp_objective` can return for k <= k_max (a fixed list, so ranks can reduce them together)."""
-    names = ["main_loss", "supervised_tokens", "confidence", "entropy", "gt_acc", "agree", "agree_pos>=2",
-             "teacher_nll", "teacher_entropy", "prefix_ce", "prefix_tokens"]
+    names = ["main_loss", "supervised_tokens", "confidence", "entropy", "gt_acc", "gt_acc_pos>=2", "agree",
+             "agree_pos>=2", "teacher_nll", "teacher_entropy", "prefix_ce", "prefix_tokens"]
     return names + [f"{name}_pos{j}" for name in PER_POSITION for j in range(1, k_max + 1)]
 
 
@@ -154,6 +154,6 @@ def _metrics(s_logp, s_entropy, rollout, t_logp, gt_targets) -> dict[str, float]
         means = values.mean(0).tolist()
         if name in PER_POSITION:
             metrics.update({f"{name}_pos{j + 1}": m for j, m in enumerate(means)})
-        if name == "agree" and k >= 2:
-            metrics["agree_pos>=2"] = values[:, 1:].mean().item()
+        if name in ("agree", "gt_acc") and k >= 2:  # the mask positions (position 1 is the next-token slot)
+            metrics[f"{name}_pos>=2"] = values[:, 1:].mean().item()
     return metrics

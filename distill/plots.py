@@ -59,11 +59,23 @@ def training_plot(log_history: list[dict], path) -> Path | None:
     ax1, ax2 = axes[0], axes[1]
     steps = [e["step"] for e in logs]
     ax1.plot(steps, [e["loss"] for e in logs], marker=".")
-    ax1.set(xlabel="step", ylabel="hard-teacher CE", title="distillation loss (each step draws its own k)")
-    agree = [e for e in logs if "agree_pos>=2" in e]
+    # With a teacher: agreement with its argmax; with ground-truth labels (supervision gt, e.g. on the model's own
+    # greedy text, where the label is the teacher's argmax along the greedy path): agreement with the label.
+    key = "agree_pos>=2" if any("agree_pos>=2" in e for e in logs) else "gt_acc_pos>=2"
+    target = "teacher argmax" if key == "agree_pos>=2" else "label"
+    ax1.set(xlabel="step", ylabel="hard-teacher CE" if key == "agree_pos>=2" else "cross-entropy",
+            title="distillation loss (each step draws its own k)")
+    agree = [e for e in logs if key in e]
     if agree:
-        ax2.plot([e["step"] for e in agree], [e["agree_pos>=2"] for e in agree], marker=".", color="tab:green")
-    ax2.set(xlabel="step", ylabel="agreement", title="student = teacher argmax at positions >= 2", ylim=(0, 1))
+        ax2.plot([e["step"] for e in agree], [e[key] for e in agree], marker=".", color="tab:green", alpha=0.5,
+                 label=f"student argmax = {target}")
+    confident = [e for e in logs if "confidence_pos2" in e]
+    if confident:
+        ax2.plot([e["step"] for e in confident], [e["confidence_pos2"] for e in confident], marker=".",
+                 color="tab:purple", alpha=0.5, label="top-1 probability at position 2")
+    if agree or confident:
+        ax2.legend(fontsize=7, loc="lower right")
+    ax2.set(xlabel="step", ylabel="fraction", title="masks (positions >= 2) on the training rows", ylim=(0, 1))
     if accept:
         ax3 = axes[2]
         steps = [e["step"] for e in accept]

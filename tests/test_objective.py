@@ -73,6 +73,10 @@ def test_ground_truth_supervision_needs_no_teacher():
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert "agree" not in metrics and "teacher_nll" not in metrics
     assert metrics["gt_acc"] == 0.0  # student argmax (0, 2) vs ground truth (1, 1)
+    _, metrics = mtp_objective(logits(S), None, gt_targets=torch.tensor([[0, 1]]), supervision="gt")
+    assert metrics["gt_acc"] == 0.5 and metrics["gt_acc_pos>=2"] == 0.0  # position 2 (the mask) is the miss
+    _, metrics = mtp_objective(logits(S), None, gt_targets=torch.tensor([[1, 2]]), supervision="gt")
+    assert metrics["gt_acc"] == 0.5 and metrics["gt_acc_pos>=2"] == 1.0
 
 
 def test_sequence_weighted_paper_equation_soft():
