@@ -6,13 +6,18 @@ forward of 16 query tokens costs about as much as one of 1; on two CPU cores a 5
 1-token forward (paper §5.7: tokens per forward alone hides the longer query). With a fixed k_max every step pays for
 k_max − 1 masks whatever their chance of being kept, which on a CPU makes an MTP model slower than plain decoding.
 
-The rule. Before each forward the controller chooses the number of masks n ∈ {0 … n_max} that maximises
+The rule. Before each forward the controller chooses the number of masks n ∈ {0 … n_max} that maximises the expected
+net gain per row, in tokens,
 
-        expected tokens committed per row  ÷  c(L + n, b)
+        take · Σ_{j≤n} P(run ≥ j)  −  (c(L + n, b) − c(L, b) + v(n)) / c(1, b)
 
-where L is the longest pending segment of the batch (the tokens whose KV this forward commits anyway), b the number
-of rows and c(q, b) the measured seconds of one forward with q query tokens per row (`ForwardCost`). n = 0 is plain
-next-token decoding. One n serves every row of the batch (the masks share the batch's final columns).
+the tokens the masks are expected to add, minus the tokens plain decoding would commit in the extra time they cost.
+L is the longest pending segment of the batch (the tokens whose KV this forward commits anyway), b the number of rows,
+c(q, b) the measured seconds of one forward with q query tokens per row (`ForwardCost`), c(1, b) a plain step, and
+v(n) what verifying n drafts adds to the next forward (self-speculative only). n = 0 (net 0) is plain next-token
+decoding; more masks must beat fewer by MIN_NET tokens (cost-table noise). Masks pay exactly when their tokens come
+cheaper than plain decoding's, whatever forward they ride on: the prefill's long query does not make the next step's
+verification any cheaper. One n serves every row of the batch (the masks share the batch's final columns).
 
 The expectation. With n masks a row commits 1 + E[extra] tokens, E[extra] = Σ_{j≤n} P(run ≥ j), where the run is
 the number of mask positions kept after the next-token position (ConfAdapt: the longest prefix of positions with
@@ -24,12 +29,15 @@ weak optimistic prior (q_i = 1/2 with weight 1), so an untrained `<MTP>` is drop
 one is kept. The prefill reads every mask almost for free (its query is the whole prompt), which gives the first
 observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with the cheapest
 query that reads at least one mask (the link every longer span needs), at intervals that double while probes find
-nothing (16, 32, … 128 steps) and reset once they do. The counts are carried from one `generate` call of a decoder
+nothing (16, 32, … 128 steps) and reset once they do. A probe's outcome is the next observation (the same step for
+ConfAdapt, the verifying step for self-speculative drafts). Where even masks that are always right could not pay
+(net gain below PROBE_WORTH with every P = 1: steep costs, e.g. self-speculative at a large batch on a CPU), it does
+not probe at all. The counts are carried from one `generate` call of a decoder
 to the next (per strategy), so only the first batch starts from the prior.
 
 Self-speculative decoding pays for a draft twice: as a mask now and as a query token when the next forward verifies
-it, and a row uses new drafts only if all of its current drafts are verified. Its rate is therefore
-(B + Σ_rows P(row takes new drafts) · E[extra]) / (c(L + n, b) + c(1 + n, b) − c(1, b)).
+it (v(n) = c(1 + n, b) − c(1, b)), and a row uses new drafts only if all of its current drafts are verified: `take`
+is the share of rows expected to take them.
 
 The cost table c(q, b) is measured once per machine (a second or two: a few forwards per query length at a fixed
 context, the minimum of repeats) and cached in `$MTP_SELFDISTILL_CACHE/forward_costs.json` (or `$MTP_FORWARD_COST_CACHE`) under a key naming what
@@ -63,24 +71,32 @@ PROBE_MASKS = 1  # at least the first mask position, the link every longer span 
 PROBE_INTERVALS = (16, 32, 64, 128)
 PRIOR_RATE, PRIOR_WEIGHT = 0.5, 1.0
 DECAY = 0.9  # per observed step; about ten recent steps dominate
-MIN_GAIN = 1.01  # a longer query must beat the shorter one by 1 % (cost-table noise is about that)
+MIN_NET = 0.01  # tokens per row per step: a longer query must beat a shorter one by this (cost-table noise)
+PROBE_WORTH = 0.5  # probe only where masks that are always right would add this many tokens per row per step, net
+
+
+def net_gains(p_reach: Sequence[float], cost: Callable[[int], float], pending: int, *, take: float = 1.0,
+              verify_cost: Callable[[int], float] | None = None) -> list[float]:
+    """[net gain of n masks for n = 0 .. len(p_reach)], in tokens per row (the rule of the module docstring):
+    take · Σ_{j≤n} p_reach[j−1] − (cost(pending + n) − cost(pending) + verify_cost(n)) / cost(1)."""
+    plain, base = cost(1), cost(pending)
+    gains, gain = [0.0], 0.0
+    for n in range(1, len(p_reach) + 1):
+        gain += take * p_reach[n - 1]
+        extra = cost(pending + n) - base + (verify_cost(n) if verify_cost else 0.0)
+        gains.append(gain - extra / plain)
+    return gains
 
 
 def best_mask_count(p_reach: Sequence[float], cost: Callable[[int], float], pending: int, *,
                     take: float = 1.0, verify_cost: Callable[[int], float] | None = None) -> int:
-    """argmax_n (1 + take · Σ_{j≤n} p_reach[j−1]) / (cost(pending + n) + verify_cost(n)), n ∈ 0..len(p_reach).
-
-    p_reach[j−1] = P(run ≥ j); `take`: the share of rows that will use the masks' positions (1 for ConfAdapt);
-    `verify_cost(n)`: what n drafts add to the next forward (self-speculative), 0 by default. A longer query wins only
-    by more than MIN_GAIN, so measurement noise does not buy masks."""
-    best_n, best_rate = 0, 1.0 / cost(pending)
-    gain = 1.0
-    for n in range(1, len(p_reach) + 1):
-        gain += take * p_reach[n - 1]
-        seconds = cost(pending + n) + (verify_cost(n) if verify_cost else 0.0)
-        rate = gain / seconds
-        if rate > best_rate * MIN_GAIN:
-            best_n, best_rate = n, rate
+    """argmax_n of `net_gains` (p_reach[j−1] = P(run ≥ j); `take`: the share of rows that will use the masks'
+    positions, 1 for ConfAdapt; `verify_cost(n)`: what n drafts add to the next forward, self-speculative). More
+    masks win only by more than MIN_NET, so measurement noise does not buy masks."""
+    best_n, best = 0, 0.0
+    for n, net in enumerate(net_gains(p_reach, cost, pending, take=take, verify_cost=verify_cost)):
+        if n and net > best + MIN_NET:
+            best_n, best = n, net
     return best_n
 
 
@@ -129,10 +145,9 @@ class SpanController:
             take = sum(1.0 if d == 0 else reach[min(d, self.n_max) - 1] for d in drafts) / max(len(drafts), 1)
             verify = lambda n: self.cost(1 + n, rows) - self.cost(1, rows)  # noqa: E731
         n = best_mask_count(reach, cost, pending, take=take, verify_cost=verify)
-        self.probing = False
         if n == 0:
             self.idle += 1
-            if self.idle >= PROBE_INTERVALS[self.probe]:
+            if self.idle >= PROBE_INTERVALS[self.probe] and not self.probing and self._worth_probing(cost, verify):
                 # The cheapest query that reads at least PROBE_MASKS masks (with a matrix kernel that favours a
                 # longer query, a longer probe costs less and tells more).
                 n = min(range(min(PROBE_MASKS, self.n_max), self.n_max + 1), key=lambda m: (cost(pending + m), m))
@@ -140,6 +155,10 @@ class SpanController:
         else:
             self.idle = 0
         return n
+
+    def _worth_probing(self, cost, verify) -> bool:
+        """Could masks pay here at all: would masks that are always right gain PROBE_WORTH tokens per row?"""
+        return max(net_gains([1.0] * self.n_max, cost, 1, verify_cost=verify)) >= PROBE_WORTH
 
     def observe(self, observations: Sequence[tuple[int, int]]) -> None:
         """(run, n) per row that read n mask positions this step (run = how many of them it kept, 0..n); updates
@@ -157,6 +176,7 @@ class SpanController:
         if self.probing:  # a probe that found nothing backs off; one that found something resets the interval
             found = any(run > 0 for run, _ in observations)
             self.probe = 0 if found else min(self.probe + 1, len(PROBE_INTERVALS) - 1)
+            self.probing = False
 
 
 # -------------------------------------------------------------------------------------------------- forward costs

@@ -42,9 +42,10 @@ def test_rule_chooses_every_mask_when_cost_is_flat_and_confidence_high():
 
 
 def test_rule_balances_gain_against_cost():
-    # P(run >= j) = 0.9, 0.5, 0.1 on the CPU table: (1+0.9)/1.15=1.65, (2.4)/1.3=1.85, (2.5)/1.45=1.72 -> 2 masks
+    # P(run >= j) = 0.9, 0.5, 0.1 on the CPU table (a query token costs 0.15 of a plain step): net gains
+    # 0.9-0.15=0.75, 1.4-0.3=1.1, 1.5-0.45=1.05 -> 2 masks
     assert best_mask_count([0.9, 0.5, 0.1], cpu_cost, pending=1) == 2
-    # a long pending segment makes masks relatively cheaper: c(L+n)/c(L) shrinks with L
+    # a query token costing 1/11 of a plain step: 0.2-0.09 > 0.25-0.18 -> 1 mask; 0.01 < 0.09 -> none
     linear = lambda q: 10.0 + q  # noqa: E731
     assert best_mask_count([0.2, 0.05], linear, pending=1) == 1
     assert best_mask_count([0.01], linear, pending=1) == 0
@@ -68,8 +69,8 @@ def test_rule_ignores_gains_within_measurement_noise():
 
 def test_controller_drops_masks_that_are_never_kept_and_probes_with_backoff():
     c = SpanController(7, lambda q, b: cpu_cost(q), speculative=False)
-    first = c.choose(pending=100, rows=1)  # prefill: masks are almost free
-    assert first >= 3  # the prior (each link 1/2) still buys several masks at a 1 %-per-token price
+    first = c.choose(pending=100, rows=1)  # prefill: a mask costs what it costs in any forward, 0.15 of a plain step
+    assert first == 2  # the prior (each link 1/2): 0.5 - 0.15, 0.75 - 0.3, 0.875 - 0.45
     c.observe([(0, first)])
     chosen = []
     for _ in range(400):
@@ -113,6 +114,56 @@ def test_a_probe_that_finds_accepted_masks_resets_the_interval():
         c.choose(pending=1, rows=1)
     c.observe([(PROBE_MASKS, PROBE_MASKS)])
     assert c.probe == 0
+
+
+def test_the_prefill_does_not_buy_drafts_whose_verification_costs_more_than_they_bring():
+    """A long prefill makes a mask look free next to its own cost, but self-speculative drafts are verified by the
+    next, short forward: at a CPU batch-16 cost table (a plain step 115 ms, 4 query tokens 278 ms) the prior's
+    drafts are not worth it, while ConfAdapt, which keeps confident positions without verifying, still buys them."""
+    b16 = {1: 115.0, 2: 205.0, 3: 253.0, 4: 278.0}
+
+    def cost(q, b):
+        return b16[q] if q in b16 else 1000.0 + 10.0 * q  # a ~100-token prefill: 10 ms per query token
+
+    assert SpanController(3, cost, speculative=True).choose(pending=100, rows=16, drafts=[0] * 16) == 0
+    assert SpanController(3, cost, speculative=False).choose(pending=100, rows=16) > 0
+
+
+def test_no_probes_where_even_perfect_drafts_could_not_pay():
+    """Self-speculative at a steep batch-16 table: drafts that are always right gain 3 tokens for 2 x 163 ms of a
+    115 ms step, 0.17 tokens net, below PROBE_WORTH: the controller never probes. ConfAdapt (no verification)
+    probes; on a flat table self-speculative probes too."""
+    b16 = {1: 115.0, 2: 205.0, 3: 253.0, 4: 278.0, 5: 324.0, 6: 357.0, 7: 401.0}
+
+    def probes(speculative, cost):
+        c = SpanController(3, lambda q, b: cost(q), speculative=speculative)
+        c.observe([(0, 3)] * 16)
+        count = 0
+        for _ in range(300):
+            n = c.choose(pending=1, rows=16, drafts=[0] * 16)
+            count += c.probing and n > 0
+            c.observe([(0, n)] * 16)
+        return count
+
+    assert probes(True, b16.__getitem__) == 0
+    assert probes(False, b16.__getitem__) > 0
+    assert probes(True, lambda q: 1.0 + 0.01 * q) > 0
+
+
+def test_a_self_speculative_probe_is_judged_at_the_step_that_verifies_it():
+    """The probe's masks become drafts; nothing is observed until the next forward verifies them. The probe stays
+    open until then, and a failed verification backs the interval off (before, the verifying step came too late
+    and the interval never grew)."""
+    c = SpanController(3, lambda q, b: cpu_cost(q), speculative=True)
+    c.observe([(0, 3)])
+    while not c.probing:
+        n = c.choose(pending=1, rows=1, drafts=[0])
+        c.observe([(0, 0)]) if n == 0 else None
+    c.observe([])  # the probe step itself: no drafts were verified in it
+    assert c.probing and c.probe == 0
+    assert c.choose(pending=1 + n, rows=1, drafts=[n]) == 0  # the verifying forward
+    c.observe([(0, n)])  # its drafts were all rejected
+    assert not c.probing and c.probe == 1
 
 
 def test_a_probe_takes_the_cheapest_query():
