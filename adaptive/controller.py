@@ -26,14 +26,15 @@ propose that the next forward verifies). P(run ≥ j) = Π_{i≤j} q_i is estima
 as a chain of conditional rates q_i = P(run ≥ i | run ≥ i − 1), counted over every row that had position i and
 reached i − 1, with exponentially decaying counts (recent text predicts the next step better than old text) and a
 weak optimistic prior (q_i = 1/2 with weight 1), so an untrained `<MTP>` is dropped after a few steps and a trained
-one is kept. The prefill reads every mask almost for free (its query is the whole prompt), which gives the first
-observation. When n = 0 has been chosen for a while nothing is observed, so the controller probes with the cheapest
-query that reads at least one mask (the link every longer span needs), at intervals that double while probes find
-nothing (16, 32, … 128 steps) and reset once they do. A probe's outcome is the next observation (the same step for
+one is kept. The prior buys a few masks at the prefill where they are cheap enough (ConfAdapt, which keeps
+confident positions without a verifying forward), which gives the first observation. When n = 0 has been chosen for a
+while nothing is observed, so the controller probes with the cheapest query that reads at least one mask (the link
+every longer span needs), at intervals that double while probes find nothing (16, 32, … 128 steps) and reset once
+they do. A probe's outcome is the next observation (the same step for
 ConfAdapt, the verifying step for self-speculative drafts). Where even masks that are always right could not pay
 (net gain below PROBE_WORTH with every P = 1: steep costs, e.g. self-speculative at a large batch on a CPU), it does
-not probe at all. The counts are carried from one `generate` call of a decoder
-to the next (per strategy), so only the first batch starts from the prior.
+not probe at all. The counts are carried from one `generate` call of a decoder to the next (per strategy), so only
+the first batch starts from the prior.
 
 Self-speculative decoding pays for a draft twice: as a mask now and as a query token when the next forward verifies
 it (v(n) = c(1 + n, b) − c(1, b)), and a row uses new drafts only if all of its current drafts are verified: `take`
