@@ -214,7 +214,12 @@ class InferenceGate:
         self._gate_as: dict = {}
         self.installed = False
         self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True),
-                         model.get_input_embeddings().register_forward_pre_hook(self._read_ids)]
+                         model.get_input_embeddings().register_forward_pre_hook(self._read_ids),
+                         model.register_forward_hook(self._end)]
+
+    def _end(self, module, args, output):
+        for shared in self.shared:  # let the forward's activations go
+            shared.forget()
 
     def _install(self, gated: bool) -> None:
         for parent, name, base, layer in self.slots:
