@@ -20,10 +20,11 @@ prints it). Four stages, each with a progress bar, each inside a share of the ti
    what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
    tuned setting when the tuner chose one, the same tau with the masks per step chosen by the cost-aware controller
-   (`k_max auto`), and the lossless self-speculative mode under that controller, side by side on the same machine
-   (a fixed k_max the tuner measured slower than k=1 is not run again: its speed is in the tuner's report); then the
-   undistilled base model's k=1, to show what distillation cost the model's own answers (nothing, token for token,
-   with mask-only adapters; the row checks it).
+   (`k_max auto`), the lossless self-speculative mode under that controller, and the undistilled base model's k=1,
+   to show what distillation cost the model's own answers (nothing, token for token, with mask-only adapters; the
+   row checks it). They run side by side on the same machine, batch by batch, every run decoding a batch before the
+   next batch starts (`run_side_by_side`). A fixed k_max the tuner measured slower than k=1 is not run again: its
+   speed is in the tuner's report.
 
 Training data: by default the model's own greedy answers to the head of the GSM8K train file
 (`data/gsm8k/smollm2-135m-instruct.self.jsonl`, made once by `mtp regenerate`; train_data "dataset" uses the
@@ -400,7 +401,7 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
     When the tuner kept plain decoding or chose the lossless mode, no fixed k_max was chosen, so ConfAdapt runs as the
     product runs it then: the cost-aware controller (`k_max auto`, up to the largest k_max) at the most conservative
     tau; the certified fixed-k_max setting's speed is in the tuner's report, measured beside k=1."""
-    from adaptive.evaluate import run_eval
+    from adaptive.evaluate import run_side_by_side
     from adaptive.strategies import ConfAdapt, SelfSpeculative, Static
 
     choice = tuning["choice"]
@@ -414,12 +415,11 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
     lossless_k_max = (tuning.get("lossless") or {}).get("k_max") or f"auto:{max(k_maxes)}"
     strategies = [Static(3)] + ([ConfAdapt(tau, k_max, scorer=calibrator)] if certified else []) + [
         tuned_auto, SelfSpeculative(lossless_k_max)]
-    common = dict(prompt_format="chat", max_new_tokens=plan.max_new_tokens, batch_size=16)
-    reports = [run_eval(decoder, problems, Static(1), **common)]
-    for strategy in strategies:
-        reports.append(run_eval(decoder, problems, strategy, reference=reports[0], **common))
-    # What distillation cost the model itself: the base model's own k=1 answers against the distilled model's k=1.
-    base = run_eval(_base_decoder(), problems, Static(1), reference=reports[0], **common)
+    # Every run decodes each batch before the next batch starts (run_side_by_side), so a slow minute of the machine
+    # slows them alike; the last run is what distillation cost the model itself: the undistilled base model's k=1.
+    runs = [(decoder, Static(1))] + [(decoder, strategy) for strategy in strategies] + [(_base_decoder(), Static(1))]
+    *reports, base = run_side_by_side(runs, problems, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
+                                      batch_size=16)
 
     rows = [r.to_dict() for r in reports + [base]]
     rows[0]["label"] = "k=1 (next-token)"

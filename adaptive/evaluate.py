@@ -1,7 +1,8 @@
 """Scoring decoding strategies on GSM8K problems: accuracy, agreement with k=1 and speed (paper §3.3, §5.2).
 
 `run_eval` decodes every problem with one strategy (prompts, stop strings and answer extraction from adaptive/gsm8k.py)
-and returns an `EvalReport`. Accuracy is reported with lm-eval's standard error sqrt(p(1-p)/(n-1)).
+and returns an `EvalReport`; `run_side_by_side` does the same for several runs, interleaved batch by batch so their
+wall-clock figures are comparable. Accuracy is reported with lm-eval's standard error sqrt(p(1-p)/(n-1)).
 
 Static(1), plain next-token decoding of the same checkpoint, is the reference every other strategy is compared with
 ("agreement": the fraction of problems where both extract the same answer) because MTP decoding trades agreement
@@ -82,6 +83,11 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
                 results[i] = result
             bar.update(len(chunk))
 
+    return _report(strategy.label, problems, results, seconds, reference, extract)
+
+
+def _report(label: str, problems: list[dict], results: list, seconds: float, reference: EvalReport | None,
+            extract: str) -> EvalReport:
     answers = [answer_key(r.text, extract) for r in results]
     gold = [gold_key(str(p["answer"]), extract) for p in problems]
     correct = [a is not None and a == g for a, g in zip(answers, gold)]
@@ -96,7 +102,7 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     for r in results:
         reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
     return EvalReport(
-        label=strategy.label,
+        label=label,
         n=n,
         accuracy=accuracy,
         stderr=math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else float("nan"),
@@ -113,6 +119,51 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
         texts=[r.text for r in results],
         finish_reasons=reasons,
     )
+
+
+def run_side_by_side(runs: list[tuple], problems: list[dict], *, prompt_format: str = "cot8",
+                     max_new_tokens: int = 256, batch_size: int = 16, progress: bool = True,
+                     extract: str = "project") -> list[EvalReport]:
+    """`run_eval` for several (decoder, strategy) runs on the same problems, timed side by side: batch by batch,
+    every run decodes the batch before the next batch starts, in an order rotated by the batch (after one untimed
+    warm-up generation per run). A machine that slows down for a minute then slows every run alike, where run after
+    run it would move one run's tokens/s against the others'. The first run is the reference of every other's
+    agreement (k=1 in the demo); the answers are exactly `run_eval`'s."""
+    from tqdm.auto import tqdm
+
+    if not problems:
+        raise UserError("no problems to evaluate")
+    if not runs:
+        raise UserError("no runs to evaluate")
+    if extract not in EXTRACTIONS:
+        raise UserError(f"unknown answer extraction {extract!r}; choose one of: {', '.join(EXTRACTIONS)}")
+    prompts = [[encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
+               for decoder, _ in runs]
+    stop_strings = STOP_STRINGS[prompt_format]
+    chunks = list(length_sorted_batches(prompts[0], batch_size))
+    results = [[None] * len(problems) for _ in runs]
+    seconds = [0.0] * len(runs)
+    for (decoder, strategy), own in zip(runs, prompts):
+        if getattr(strategy, "auto", False):  # the one-time forward-cost measurement stays out of the timing
+            decoder.forward_cost.prepare(min(batch_size, len(problems)))
+        decoder.generate([own[chunks[0][0]]], strategy, 4, stop_strings=stop_strings)  # warm-up, untimed
+    with tqdm(total=len(chunks) * len(runs), desc="evaluate side by side", unit="run", disable=not progress,
+              file=sys.stderr) as bar:
+        for c, chunk in enumerate(chunks):
+            for r in [(c + i) % len(runs) for i in range(len(runs))]:
+                decoder, strategy = runs[r]
+                bar.set_postfix_str(strategy.label)
+                began = time.perf_counter()
+                batch = decoder.generate([prompts[r][i] for i in chunk], strategy, max_new_tokens,
+                                         stop_strings=stop_strings)
+                seconds[r] += time.perf_counter() - began
+                for i, result in zip(chunk, batch):
+                    result.prompt = problems[i]["question"]
+                    results[r][i] = result
+                bar.update(1)
+    reference = _report(runs[0][1].label, problems, results[0], seconds[0], None, extract)
+    return [reference] + [_report(strategy.label, problems, results[r], seconds[r], reference, extract)
+                          for r, (_, strategy) in enumerate(runs) if r > 0]
 
 
 def parse_strategies(spec: str, defaults: dict, scorer=None) -> list:

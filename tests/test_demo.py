@@ -101,13 +101,13 @@ def test_evaluate_runs_a_fixed_k_max_only_when_the_tuner_chose_it(monkeypatch, c
 
     ran = []
 
-    def fake_run_eval(decoder, problems, strategy, **kwargs):
-        ran.append((decoder, strategy.label))
-        return EvalReport(label=strategy.label, n=1, accuracy=0.0, stderr=float("nan"), agreement=1.0,
-                          tokens_per_forward_mean=1.0, tokens_per_forward_std=0.0, tokens=1, forwards=1, seconds=1.0,
-                          tokens_per_second=1.0, answers=["1"], correct=[False], results=[])
+    def fake_side_by_side(runs, problems, **kwargs):
+        ran.extend((decoder, strategy.label) for decoder, strategy in runs)
+        return [EvalReport(label=strategy.label, n=1, accuracy=0.0, stderr=float("nan"), agreement=1.0,
+                           tokens_per_forward_mean=1.0, tokens_per_forward_std=0.0, tokens=1, forwards=1, seconds=1.0,
+                           tokens_per_second=1.0, answers=["1"], correct=[False], results=[]) for _, strategy in runs]
 
-    monkeypatch.setattr("adaptive.evaluate.run_eval", fake_run_eval)
+    monkeypatch.setattr("adaptive.evaluate.run_side_by_side", fake_side_by_side)
     monkeypatch.setattr(demo, "_base_decoder", lambda: "base")
     plan = demo.Plan.for_minutes(20)
     calibrator = lambda logits: logits.softmax(-1).amax(-1)  # noqa: E731  (any callable scorer)

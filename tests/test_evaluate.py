@@ -294,6 +294,38 @@ def test_run_eval_arithmetic(numeric_decoder):
         run_eval(decoder, [], Static(3), **kwargs)
 
 
+def test_run_side_by_side_interleaves_batches_and_answers_like_run_eval(numeric_decoder, monkeypatch):
+    """Oracle: every run's report equals run_eval's (texts, answers, agreement with the first run, tokens/forward);
+    the runs take turns on each batch, in an order rotated by the batch."""
+    from adaptive.evaluate import run_side_by_side
+
+    decoder = numeric_decoder
+    kwargs = dict(prompt_format="chat", max_new_tokens=9, batch_size=2, progress=False)
+    strategies = [Static(1), Static(3), SelfSpeculative(3)]
+    alone = [run_eval(decoder, PROBLEMS, strategies[0], **kwargs)]
+    alone += [run_eval(decoder, PROBLEMS, s, reference=alone[0], **kwargs) for s in strategies[1:]]
+    calls = []
+    generate = decoder.generate
+
+    def recording(prompts, strategy, *args, **kw):
+        calls.append((strategy.label, len(prompts)))
+        return generate(prompts, strategy, *args, **kw)
+
+    monkeypatch.setattr(decoder, "generate", recording)
+    together = run_side_by_side([(decoder, s) for s in strategies], PROBLEMS, **kwargs)
+    for a, b in zip(alone, together):
+        assert (b.label, b.texts, b.answers, b.agreement) == (a.label, a.texts, a.answers, a.agreement)
+        assert (b.tokens, b.forwards, b.tokens_per_forward_mean) == (a.tokens, a.forwards, a.tokens_per_forward_mean)
+        assert b.seconds > 0 and b.tokens_per_second == pytest.approx(b.tokens / b.seconds)
+    labels = [s.label for s in strategies]
+    assert calls[:3] == [(label, 1) for label in labels]  # one untimed warm-up generation per run
+    assert [label for label, _ in calls[3:]] == labels + labels[1:] + labels[:1]  # batch 2: the order rotated
+    with pytest.raises(UserError, match="no runs"):
+        run_side_by_side([], PROBLEMS, **kwargs)
+    with pytest.raises(UserError, match="no problems"):
+        run_side_by_side([(decoder, Static(1))], [], **kwargs)
+
+
 def test_run_eval_flexible_extraction(numeric_decoder):
     from adaptive.gsm8k import answer_key, gold_key
 
