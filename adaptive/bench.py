@@ -39,6 +39,7 @@ the median of the rounds'); tokens/forward and agreement are the first round's (
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -155,12 +156,6 @@ def _run_mtp(decoder, strategy, prompts, concurrency, max_new_tokens):
     return [r.token_ids for r in results], time.perf_counter() - start, results
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int], max_new_tokens: int,
               k_max: int | str | list, tau: float, scorer=None, prompt_lookup: bool = True, repeats: int = 1,
               progress: bool = True) -> list[dict]:
@@ -198,8 +193,9 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
                     "tpf": 1.0 if not lookup else tokens / max(calls, 1), "metrics": None}
         strategy = by_label[mode]
         rows, seconds, generated = _run_mtp(decoder, strategy, rows_in, b, new)
-        return {"rows": rows, "seconds": seconds, "tokens": sum(len(r) for r in rows),
-                "tpf": sum(len(r) for r in rows) / max(sum(r.forward_passes for r in generated), 1),
+        tokens = sum(len(r) for r in rows)
+        return {"rows": rows, "seconds": seconds, "tokens": tokens,
+                "tpf": tokens / max(sum(r.forward_passes for r in generated), 1),
                 "metrics": acceptance_metrics(generated, speculative=strategy.speculative, seconds=seconds)}
 
     results = []
@@ -221,9 +217,9 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
             lookup = mode == "hf-prompt-lookup"
             results.append({
                 "concurrency": b, "mode": mode, "tokens": first["tokens"],
-                "seconds": round(_median([x["seconds"] for x in rounds[mode]]), 4),
-                "tokens_per_second": _median([x["tokens"] / x["seconds"] if x["seconds"] > 0 else float("nan")
-                                              for x in rounds[mode]]),
+                "seconds": round(statistics.median([x["seconds"] for x in rounds[mode]]), 4),
+                "tokens_per_second": statistics.median(
+                    [x["tokens"] / x["seconds"] if x["seconds"] > 0 else float("nan") for x in rounds[mode]]),
                 "tokens_per_forward": first["tpf"], "lossless": lossless.get(mode, False),
                 "equal_to_hf_greedy": f"{equal}/{len(first['rows'])}", "equal_fraction": equal / len(first["rows"]),
                 "note": "row-by-row (HF assisted generation is batch-1 only)" if lookup and b > 1 else "",
@@ -233,7 +229,7 @@ def run_bench(model, tokenizer, questions: list[str], *, concurrency: list[int],
         at_b = results[-len(modes):]
 
         def paired(mode: str, against: str) -> float:
-            return _median([(x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"])
+            return statistics.median([(x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"])
                             for x, y in zip(rounds[mode], rounds[against])])
 
         for r in at_b:

@@ -57,12 +57,7 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
     calibration collector)."""
     from tqdm.auto import tqdm
 
-    if not problems:
-        raise UserError("no problems to evaluate")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if extract not in EXTRACTIONS:
-        raise UserError(f"unknown answer extraction {extract!r}; choose one of: {', '.join(EXTRACTIONS)}")
+    _check_inputs(problems, batch_size, extract)
     if reference is not None and reference.n != len(problems):
         raise UserError(f"the reference run has {reference.n} answers for {len(problems)} problems")
     prompts = [encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
@@ -84,6 +79,15 @@ def run_eval(decoder, problems: list[dict], strategy, *, prompt_format: str = "c
             bar.update(len(chunk))
 
     return _report(strategy.label, problems, results, seconds, reference, extract)
+
+
+def _check_inputs(problems: list[dict], batch_size, extract: str) -> None:
+    if not problems:
+        raise UserError("no problems to evaluate")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if extract not in EXTRACTIONS:
+        raise UserError(f"unknown answer extraction {extract!r}; choose one of: {', '.join(EXTRACTIONS)}")
 
 
 def _report(label: str, problems: list[dict], results: list, seconds: float, reference: EvalReport | None,
@@ -131,12 +135,9 @@ def run_side_by_side(runs: list[tuple], problems: list[dict], *, prompt_format: 
     agreement (k=1 in the demo); the answers are exactly `run_eval`'s."""
     from tqdm.auto import tqdm
 
-    if not problems:
-        raise UserError("no problems to evaluate")
+    _check_inputs(problems, batch_size, extract)
     if not runs:
         raise UserError("no runs to evaluate")
-    if extract not in EXTRACTIONS:
-        raise UserError(f"unknown answer extraction {extract!r}; choose one of: {', '.join(EXTRACTIONS)}")
     prompts = [[encode_prompt(p["question"], prompt_format, decoder.tokenizer) for p in problems]
                for decoder, _ in runs]
     stop_strings = STOP_STRINGS[prompt_format]
