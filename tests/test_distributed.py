@@ -8,7 +8,9 @@ their own (k, offset) in a real run; here k and the offset are fixed (k_min = k_
 problems are the same ones the single process sees, and the runs must agree up to reduction order. Under ZeRO-3 the
 frozen teacher is itself a ZeRO-3 engine (TRL's `prepare_deepspeed`), so this also runs the sharded teacher.
 
-The first DeepSpeed run on a machine compiles its shared-memory op (~20 s, cached in ~/.cache/torch_extensions).
+The first DeepSpeed run compiles DeepSpeed's shared-memory op (~30 s on 2 cores). These tests compile it once into a
+directory of their own: a build killed half-way in the shared ~/.cache/torch_extensions leaves its lock file behind, and
+every later build there waits on that lock forever.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def training_step(self, *args, **kwargs):
 MTPDistillTrainer.training_step = training_step
 sys.exit(main(["train", *sys.argv[2:]]))
 '''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_extensions_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+        yield
 
 
 def torchrun(argv: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
