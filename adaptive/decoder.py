@@ -29,8 +29,9 @@ strategy the number of masks K is chosen before each forward (0 … k_max − 1,
 forward cost and the acceptance observed so far; K = 0 is plain next-token decoding. Everything above holds with the
 step's K in place of k_max − 1: ConfAdapt reads K + 1 positions, self-speculative proposes K drafts.
 
-Phases (adaptive/strategies.py `Strategy` is all the loop asks of a strategy; no per-strategy branches). `_generate`
-is a short loop over one step's phases:
+Phases (adaptive/strategies.py `Strategy` is all the loop asks of a strategy; no per-strategy branches).
+`generate_steps` is a short loop over `_step`, one forward and its phases, and yields after each (`generate` runs it to
+the end; a caller timing several decodings side by side interleaves them step by step):
   masks    K for this forward: k_max − 1, or the span controller's choice under k_max auto;
   forward  `_prefill` at step 0 (groups of similar prompt length, caches stacked), `_forward_step` after; the
            `on_step` hook of `generate` sees the step's `StepTrace`;
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -136,11 +138,12 @@ class _Batch:
     attn: torch.Tensor | None = None  # [len(active), cache columns]: 1 where a row may attend
     step: int = 0
     start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent outside this decoding's steps (`generate_steps` between two steps)
     prefill_seconds: float = 0.0
-    now: float = 0.0  # when this step's forward (and the on_step hook) ended
+    now: float = 0.0  # when this step's forward (and the on_step hook) ended, on a clock stopped while paused
 
     def clock(self) -> None:
-        self.now = time.perf_counter()
+        self.now = time.perf_counter() - self.paused
         if self.step == 0:
             self.prefill_seconds = self.now - self.start
 
@@ -183,6 +186,19 @@ class MTPDecoder:
         `stop_strings`: a row also finishes ("stop") once its generated text contains one of them (empty strings are
         ignored, as lm-eval does). `on_step`: called with a `StepTrace` after every forward (KV-protocol checks,
         calibration samples, debugging)."""
+        steps = self.generate_steps(input_ids, strategy, max_new_tokens, stop_strings, on_step)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def generate_steps(self, input_ids: list[list[int]], strategy: Strategy, max_new_tokens: int = 256,
+                       stop_strings: list[str] | None = None, on_step: Callable[[StepTrace], None] | None = None):
+        """`generate`, one forward at a time: a generator that yields after every step and returns (StopIteration's
+        value) what `generate` returns. Between two steps the caller may run anything, e.g. other decodings side by
+        side. Every step runs in inference mode with the model in eval mode, and the results' prefill and decode
+        seconds count only the time spent inside this decoding's steps. Bad input raises at the first `next`."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         k_max = getattr(strategy, "k_max", None)
@@ -199,13 +215,17 @@ class MTPDecoder:
             if min(ids) < 0 or max(ids) >= self.vocab_rows:
                 raise UserError(f"prompt token id outside the vocabulary [0, {self.vocab_rows})")
         _check_context(self.model.config, max(map(len, rows)), max_new_tokens, k_max)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                return self._generate(rows, strategy, max_new_tokens, stop_strings, on_step)
-        finally:
-            self.model.train(was_training)
+        batch = self._start(rows, strategy, max_new_tokens, stop_strings)
+        while batch.active:
+            with self._decoding_mode():
+                self._step(batch, on_step)
+            paused = time.perf_counter()
+            yield
+            batch.paused += time.perf_counter() - paused
+        if batch.controller is not None:
+            self._span_memory[strategy.label] = batch.controller.state()
+        return [self._result(r, batch.start + batch.prefill_seconds, batch.prefill_seconds, stop_strings)
+                for r in batch.rows]
 
     def generate_text(self, prompts: list[str], strategy: Strategy, max_new_tokens: int = 256,
                       chat_template: bool = True, batch_size: int = 16, progress: bool = False,
@@ -242,22 +262,29 @@ class MTPDecoder:
             raise UserError("cannot decode an empty prompt")
         return list(ids)
 
-    def _generate(self, prompts: list[list[int]], strategy, max_new_tokens: int, stop_strings: list[str],
-                  on_step: Callable[[StepTrace], None] | None) -> list[GenerationResult]:
-        batch = self._start(prompts, strategy, max_new_tokens, stop_strings)
-        while batch.active:
-            masks = self._masks(batch)
-            columns = batch.attn.shape[1] if batch.step else 0  # cache width before this forward
-            logits = self._prefill(batch, masks) if batch.step == 0 else self._forward_step(batch, masks)
-            if on_step is not None:
-                on_step(self._trace(batch, logits, masks, columns))
-            batch.clock()
-            self._commit(batch, self._accept(batch, logits, masks), masks)
-            self._retire(batch)
-        if batch.controller is not None:
-            self._span_memory[strategy.label] = batch.controller.state()
-        return [self._result(r, batch.start + batch.prefill_seconds, batch.prefill_seconds, stop_strings)
-                for r in batch.rows]
+    @contextmanager
+    def _decoding_mode(self):
+        """Inference mode with the model in eval mode, restored after (one step; decodings may interleave)."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _step(self, batch: _Batch, on_step: Callable[[StepTrace], None] | None) -> None:
+        """One forward and what follows from it: masks, forward (prefill at step 0), accept, commit, retire."""
+        masks = self._masks(batch)
+        columns = batch.attn.shape[1] if batch.step else 0  # cache width before this forward
+        logits = self._prefill(batch, masks) if batch.step == 0 else self._forward_step(batch, masks)
+        if on_step is not None:
+            on_step(self._trace(batch, logits, masks, columns))
+        batch.clock()
+        self._commit(batch, self._accept(batch, logits, masks), masks)
+        self._retire(batch)
 
     # ---- phases of one step: masks, forward (prefill at step 0), accept, commit, retire ------------------------------
     def _start(self, prompts: list[list[int]], strategy, max_new_tokens: int, stop_strings: list[str]) -> _Batch:

@@ -22,8 +22,8 @@ prints it). Four stages, each with a progress bar, each inside a share of the ti
    tuned setting when the tuner chose one, the same tau with the masks per step chosen by the cost-aware controller
    (`k_max auto`), the lossless self-speculative mode under that controller, and the undistilled base model's k=1,
    to show what distillation cost the model's own answers (nothing, token for token, with mask-only adapters; the
-   row checks it). They run side by side on the same machine, batch by batch, every run decoding a batch before the
-   next batch starts (`run_side_by_side`). A fixed k_max the tuner measured slower than k=1 is not run again: its
+   row checks it). They run side by side on the same machine: on each batch of questions, one forward of every run in
+   turn (`run_side_by_side`). A fixed k_max the tuner measured slower than k=1 is not run again: its
    speed is in the tuner's report.
 
 Training data: by default the model's own greedy answers to the head of the GSM8K train file
@@ -415,8 +415,8 @@ def evaluate(decoder: MTPDecoder, problems: list[dict], plan: Plan, k_maxes: tup
     lossless_k_max = (tuning.get("lossless") or {}).get("k_max") or f"auto:{max(k_maxes)}"
     strategies = [Static(3)] + ([ConfAdapt(tau, k_max, scorer=calibrator)] if certified else []) + [
         tuned_auto, SelfSpeculative(lossless_k_max)]
-    # Every run decodes each batch before the next batch starts (run_side_by_side), so a slow minute of the machine
-    # slows them alike; the last run is what distillation cost the model itself: the undistilled base model's k=1.
+    # The runs decode each batch together, one forward of each in turn (run_side_by_side), so a slow moment of the
+    # machine slows them alike; the last run is what distillation cost the model itself: the undistilled base model's k=1.
     runs = [(decoder, Static(1))] + [(decoder, strategy) for strategy in strategies] + [(_base_decoder(), Static(1))]
     *reports, base = run_side_by_side(runs, problems, prompt_format="chat", max_new_tokens=plan.max_new_tokens,
                                       batch_size=16)

@@ -1,7 +1,7 @@
 """Scoring decoding strategies on GSM8K problems: accuracy, agreement with k=1 and speed (paper §3.3, §5.2).
 
 `run_eval` decodes every problem with one strategy (prompts, stop strings and answer extraction from adaptive/gsm8k.py)
-and returns an `EvalReport`; `run_side_by_side` does the same for several runs, interleaved batch by batch so their
+and returns an `EvalReport`; `run_side_by_side` does the same for several runs, interleaved forward by forward so their
 wall-clock figures are comparable. Accuracy is reported with lm-eval's standard error sqrt(p(1-p)/(n-1)).
 
 Static(1), plain next-token decoding of the same checkpoint, is the reference every other strategy is compared with
@@ -128,10 +128,11 @@ def _report(label: str, problems: list[dict], results: list, seconds: float, ref
 def run_side_by_side(runs: list[tuple], problems: list[dict], *, prompt_format: str = "cot8",
                      max_new_tokens: int = 256, batch_size: int = 16, progress: bool = True,
                      extract: str = "project") -> list[EvalReport]:
-    """`run_eval` for several (decoder, strategy) runs on the same problems, timed side by side: batch by batch,
-    every run decodes the batch before the next batch starts, in an order rotated by the batch (after one untimed
-    warm-up generation per run). A machine that slows down for a minute then slows every run alike, where run after
-    run it would move one run's tokens/s against the others'. The first run is the reference of every other's
+    """`run_eval` for several (decoder, strategy) runs on the same problems, timed side by side: all runs decode the
+    same batch at once, one forward of each in turn (`MTPDecoder.generate_steps`, in an order rotated by the batch,
+    after one untimed warm-up generation per run), and each run's seconds are the time inside its own steps. A machine
+    that slows down for a few seconds then slows every run alike, where run after run (or batch after batch) it moves
+    one run's tokens/s against the others' by several percent. The first run is the reference of every other's
     agreement (k=1 in the demo); the answers are exactly `run_eval`'s."""
     from tqdm.auto import tqdm
 
@@ -151,17 +152,21 @@ def run_side_by_side(runs: list[tuple], problems: list[dict], *, prompt_format: 
     with tqdm(total=len(chunks) * len(runs), desc="evaluate side by side", unit="run", disable=not progress,
               file=sys.stderr) as bar:
         for c, chunk in enumerate(chunks):
-            for r in [(c + i) % len(runs) for i in range(len(runs))]:
-                decoder, strategy = runs[r]
-                bar.set_postfix_str(strategy.label)
-                began = time.perf_counter()
-                batch = decoder.generate([prompts[r][i] for i in chunk], strategy, max_new_tokens,
-                                         stop_strings=stop_strings)
-                seconds[r] += time.perf_counter() - began
-                for i, result in zip(chunk, batch):
-                    result.prompt = problems[i]["question"]
-                    results[r][i] = result
-                bar.update(1)
+            live = {r: runs[r][0].generate_steps([prompts[r][i] for i in chunk], runs[r][1], max_new_tokens,
+                                                 stop_strings=stop_strings)
+                    for r in [(c + i) % len(runs) for i in range(len(runs))]}
+            while live:  # one forward of every unfinished run, in the batch's rotated order
+                for r, steps in list(live.items()):
+                    began = time.perf_counter()
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        for i, result in zip(chunk, done.value):
+                            result.prompt = problems[i]["question"]
+                            results[r][i] = result
+                        del live[r]
+                        bar.update(1)
+                    seconds[r] += time.perf_counter() - began
     reference = _report(runs[0][1].label, problems, results[0], seconds[0], None, extract)
     return [reference] + [_report(strategy.label, problems, results[r], seconds[r], reference, extract)
                           for r, (_, strategy) in enumerate(runs) if r > 0]

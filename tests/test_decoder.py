@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct with an untrained <MTP> token.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -220,6 +221,34 @@ def test_generate_text_chat_template_order_and_batches(rig):
     for r in results:
         assert r.tokens_per_forward == pytest.approx(len(r.token_ids) / r.forward_passes)
         assert r.prefill_seconds > 0 and r.decode_seconds >= 0 and r.finish_reason in ("stop", "length")
+
+
+def test_interleaved_steps_decode_like_generate_and_time_only_their_own(rig, prompts):
+    """Two decodings advanced one forward at a time in turn (generate_steps, as run_side_by_side drives them) give
+    exactly what `generate` gives each alone, and a decoding's seconds leave out the time spent between its steps."""
+    model, tokenizer = rig
+    decoder = MTPDecoder(model, tokenizer)
+    strategies = [STRATEGIES["confadapt"], STRATEGIES["selfspec"]]
+    alone = [decoder.generate(prompts, s, max_new_tokens=N_NEW) for s in strategies]
+    live = dict(enumerate(decoder.generate_steps(prompts, s, max_new_tokens=N_NEW) for s in strategies))
+    together, pauses = {}, 0
+    while live:
+        for r, steps in list(live.items()):
+            try:
+                next(steps)
+            except StopIteration as done:
+                together[r] = done.value
+                del live[r]
+        time.sleep(0.1)  # between two steps of each decoding: not its time
+        pauses += 1
+    for r in range(len(strategies)):
+        assert [x.token_ids for x in together[r]] == [x.token_ids for x in alone[r]]
+        assert [x.accepted_per_step for x in together[r]] == [x.accepted_per_step for x in alone[r]]
+        assert max(x.prefill_seconds + x.decode_seconds for x in together[r]) < 0.1 * pauses / 2
+    model.train()
+    list(decoder.generate_steps([[5, 6]], Static(2), max_new_tokens=2))
+    assert model.training  # eval mode only inside each step
+    model.eval()
 
 
 def test_restores_training_mode_and_rejects_bad_input(rig, tiny_model_dir):

@@ -294,9 +294,9 @@ def test_run_eval_arithmetic(numeric_decoder):
         run_eval(decoder, [], Static(3), **kwargs)
 
 
-def test_run_side_by_side_interleaves_batches_and_answers_like_run_eval(numeric_decoder, monkeypatch):
+def test_run_side_by_side_interleaves_forwards_and_answers_like_run_eval(numeric_decoder, monkeypatch):
     """Oracle: every run's report equals run_eval's (texts, answers, agreement with the first run, tokens/forward);
-    the runs take turns on each batch, in an order rotated by the batch."""
+    on each batch the runs take turns forward by forward, in an order rotated by the batch."""
     from adaptive.evaluate import run_side_by_side
 
     decoder = numeric_decoder
@@ -304,14 +304,21 @@ def test_run_side_by_side_interleaves_batches_and_answers_like_run_eval(numeric_
     strategies = [Static(1), Static(3), SelfSpeculative(3)]
     alone = [run_eval(decoder, PROBLEMS, strategies[0], **kwargs)]
     alone += [run_eval(decoder, PROBLEMS, s, reference=alone[0], **kwargs) for s in strategies[1:]]
-    calls = []
-    generate = decoder.generate
+    calls, steps = [], []  # (label, prompts) per decoding; the decoding each step belongs to
+    generate_steps = decoder.generate_steps
 
     def recording(prompts, strategy, *args, **kw):
+        call, inner = len(calls), generate_steps(prompts, strategy, *args, **kw)
         calls.append((strategy.label, len(prompts)))
-        return generate(prompts, strategy, *args, **kw)
+        while True:
+            try:
+                next(inner)
+            except StopIteration as done:
+                return done.value
+            steps.append(call)
+            yield
 
-    monkeypatch.setattr(decoder, "generate", recording)
+    monkeypatch.setattr(decoder, "generate_steps", recording)
     together = run_side_by_side([(decoder, s) for s in strategies], PROBLEMS, **kwargs)
     for a, b in zip(alone, together):
         assert (b.label, b.texts, b.answers, b.agreement) == (a.label, a.texts, a.answers, a.agreement)
@@ -319,7 +326,11 @@ def test_run_side_by_side_interleaves_batches_and_answers_like_run_eval(numeric_
         assert b.seconds > 0 and b.tokens_per_second == pytest.approx(b.tokens / b.seconds)
     labels = [s.label for s in strategies]
     assert calls[:3] == [(label, 1) for label in labels]  # one untimed warm-up generation per run
-    assert [label for label, _ in calls[3:]] == labels + labels[1:] + labels[:1]  # batch 2: the order rotated
+    assert [label for label, _ in calls[3:9]] == labels + labels[1:] + labels[:1]  # batch 2: the order rotated
+    for batch in ([3, 4, 5], [6, 7, 8]):  # every run's first forward, then again one of each unfinished run
+        own = [call for call in steps if call in batch]
+        assert own[:6] == batch + batch
+    assert max(steps.index(call) for call in [3, 4, 5]) < min(steps.index(call) for call in [6, 7, 8])
     with pytest.raises(UserError, match="no runs"):
         run_side_by_side([], PROBLEMS, **kwargs)
     with pytest.raises(UserError, match="no problems"):
