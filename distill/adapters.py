@@ -21,8 +21,8 @@ of each forward and stores the gate; a forward pre-hook on every LoRA `A` projec
 (A and B are linear and bias-free, so the update is gated exactly). Decoding (`attach_mask_adapter`): the saved
 adapter becomes one `GatedLoRALinear` per adapted layer, without peft, swapped in only for forwards that carry
 `<MTP>`; a forward without any runs the base model's own layers, so plain decoding costs what the base model costs.
-A forward with masks pays for the rank-r products, a few hundred tiny matrix products per forward; the layers that
-read one input (q/k/v, gate/up) share one stacked A product (`SharedLoRAInput`), and on a CPU the products run in
+A forward with masks pays for the rank-r products at its mask columns only (`InferenceGate`: from the first column
+holding a mask on), a few hundred tiny matrix products per forward; the layers that read one input (q/k/v, gate/up) share one stacked A product (`SharedLoRAInput`), and on a CPU the products run in
 float32, which oneDNN does about 3x faster than bfloat16 at these sizes.
 Both need `input_ids` (an `inputs_embeds`-only forward is refused).
 
@@ -159,8 +159,9 @@ class SharedLoRAInput(torch.nn.Module):
         self._input = self._h = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """g · A x over the gate's columns (the last `state.tail` of `x`): [..., tail, rank x members]."""
         if x is not self._input:
-            h = torch.nn.functional.linear(x.to(self.a.dtype), self.a)
+            h = torch.nn.functional.linear(x[..., -self.state.tail :, :].to(self.a.dtype), self.a)
             self._input, self._h = x, h * self.state.gate_as(h.dtype)
         return self._h
 
@@ -193,12 +194,20 @@ class GatedLoRALinear(torch.nn.Module):
         return self.base.weight
 
     def forward(self, x):  # only installed while the forward carries <MTP>, so the gate is set
-        h = self.shared.project(x)[..., self.rows]
-        return self.base(x) + torch.nn.functional.linear(h, self.lora_b).to(x.dtype)
+        y = self.base(x)
+        update = torch.nn.functional.linear(self.shared.project(x)[..., self.rows], self.lora_b).to(y.dtype)
+        tail = update.shape[-2]  # the update covers the gate's columns, the last of the sequence
+        if torch.is_grad_enabled():
+            return torch.cat([y[..., : y.shape[-2] - tail, :], y[..., -tail:, :] + update], dim=-2)
+        y[..., -tail:, :] += update
+        return y
 
 
 class InferenceGate:
-    """The gate of every GatedLoRALinear of one model: None in a forward without <MTP>, else [B, T, 1] of 0/1.
+    """The gate of every GatedLoRALinear of one model: None in a forward without <MTP>, else [B, tail, 1] of 0/1 over
+    the forward's last `tail` columns, from the first column holding a <MTP> on. Earlier columns get no update, so their
+    products are never computed: the decoder's masks are the last K columns of every row, and a prefill of hundreds of
+    prompt tokens with K masks pays the rank-r products (and their additions) for K columns, not for the prompt.
 
     The gated layers are swapped into their places when a forward carries <MTP> and the base linear layers back when
     one does not (a few hundred attribute writes, only when the state changes); the wrappers stay registered under
@@ -211,15 +220,22 @@ class InferenceGate:
         self.shared = list({id(layer.shared): layer.shared for layer in self.layers}.values())
         self.rank = int(rank)
         self.gate: torch.Tensor | None = None
+        self.tail = 0
         self._gate_as: dict = {}
+        self._used = True  # the shared products may hold a forward's activations
         self.installed = False
         self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True),
                          model.get_input_embeddings().register_forward_pre_hook(self._read_ids),
                          model.register_forward_hook(self._end)]
 
     def _end(self, module, args, output):
-        for shared in self.shared:  # let the forward's activations go
-            shared.forget()
+        self._forget()  # let the forward's activations go
+
+    def _forget(self) -> None:
+        if self._used:
+            for shared in self.shared:
+                shared.forget()
+            self._used = False
 
     def _install(self, gated: bool) -> None:
         for parent, name, base, layer in self.slots:
@@ -228,19 +244,28 @@ class InferenceGate:
 
     def _start(self, module, args, kwargs):
         _require_input_ids(args, kwargs)
-        self.gate = None  # set by the embedding's hook of this forward
-        self._gate_as = {}
-        for shared in self.shared:  # no input of a previous forward is reused
-            shared.forget()
+        self.read(None)  # set by the embedding's hook of this forward
+        self._forget()  # no input of a previous forward is reused
 
     def _read_ids(self, module, args):
-        is_mask = args[0] == self.mask_token_id
-        self.gate = is_mask.unsqueeze(-1) if bool(is_mask.any()) else None
+        self.read(args[0])
         if (self.gate is not None) != self.installed:
             self._install(self.gate is not None)
 
+    def read(self, input_ids: torch.Tensor | None) -> None:
+        """Set the gate and its tail from a forward's token ids [B, T] (None: no forward, no gate)."""
+        self.gate, self.tail, self._gate_as = None, 0, {}
+        if input_ids is None:
+            return
+        columns = (input_ids == self.mask_token_id).any(0)
+        if bool(columns.any()):
+            first = int(columns.int().argmax())
+            self.gate = (input_ids[:, first:] == self.mask_token_id).unsqueeze(-1)
+            self.tail = input_ids.shape[-1] - first
+            self._used = True
+
     def gate_as(self, dtype) -> torch.Tensor:
-        """The gate [B, T, 1] as 0/1 of `dtype` (cast once per forward)."""
+        """The gate [B, tail, 1] as 0/1 of `dtype` (cast once per forward)."""
         if dtype not in self._gate_as:
             self._gate_as[dtype] = self.gate.to(dtype)
         return self._gate_as[dtype]

@@ -105,6 +105,9 @@ def test_siblings_share_one_a_product_and_stay_exact(trained):
     model, _ = load_mtp_model(str(checkpoint))
     ids = _probe(trainer.mask_token_id)
     torch.testing.assert_close(_logits(model, ids), _logits(trainer.model, ids), rtol=0, atol=1e-5)
+    mtp = trainer.mask_token_id  # masks in different columns per row, a plain token after a mask, no mask in row 2
+    mixed = torch.tensor([[1, 504, mtp, 2018, 28, mtp], [1, 504, 2018, 28, mtp, mtp], [1, 504, 2018, 28, 3555, 2]])
+    torch.testing.assert_close(_logits(model, mixed), _logits(trainer.model, mixed), rtol=0, atol=1e-5)
     attn = model.model.layers[0].self_attn  # the gated layers are in place after a forward with masks
     q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
     assert q.shared is k.shared is v.shared and o.shared is not q.shared
@@ -113,15 +116,16 @@ def test_siblings_share_one_a_product_and_stay_exact(trained):
     # Each member equals its own LoRA (peft's weights, gated), whichever input its siblings saw last.
     gate = mask_gate_of(model)
     x = torch.randn(1, ids.shape[1], attn.q_proj.weight.shape[1])
-    gate.gate = (ids == trainer.mask_token_id).unsqueeze(-1)
-    gate._gate_as = {}
+    gate.read(ids)
+    assert gate.tail < ids.shape[1]  # the probe's masks come after some plain tokens, which get no products
     peft_layers = dict(trainer.model.named_modules())
     for name, layer in (("q_proj", q), ("v_proj", v), ("k_proj", k)):
         other = torch.randn_like(x)
         q(other)  # the shared product now belongs to another input
         peft = peft_layers[f"base_model.model.model.layers.0.self_attn.{name}"]
         lora_a, lora_b = peft.lora_A["default"].weight, peft.lora_B["default"].weight
-        want = layer.base(x) + (x * gate.gate) @ lora_a.T @ lora_b.T * peft.scaling["default"]
+        is_mask = (ids == trainer.mask_token_id).unsqueeze(-1)
+        want = layer.base(x) + (x * is_mask) @ lora_a.T @ lora_b.T * peft.scaling["default"]
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     model.to(torch.bfloat16)
     assert all(m.lora_b.dtype == torch.float32 and m.shared.a.dtype == torch.float32 for m in layers)
