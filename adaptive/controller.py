@@ -17,7 +17,8 @@ c(q, b) the measured seconds of one forward with q query tokens per row (`Forwar
 v(n) what verifying n drafts adds to the next forward (self-speculative only). n = 0 (net 0) is plain next-token
 decoding; more masks must beat fewer by MIN_NET tokens (cost-table noise). Masks pay exactly when their tokens come
 cheaper than plain decoding's, whatever forward they ride on: the prefill's long query does not make the next step's
-verification any cheaper. One n serves every row of the batch (the masks share the batch's final columns).
+verification any cheaper, nor the masks themselves (their extra is at least c(1 + n, b) − c(1, b)).
+One n serves every row of the batch (the masks share the batch's final columns).
 
 The expectation. With n masks a row commits 1 + E[extra] tokens, E[extra] = Σ_{j≤n} P(run ≥ j), where the run is
 the number of mask positions kept after the next-token position (ConfAdapt: the longest prefix of positions with
@@ -26,8 +27,10 @@ propose that the next forward verifies). P(run ≥ j) = Π_{i≤j} q_i is estima
 as a chain of conditional rates q_i = P(run ≥ i | run ≥ i − 1), counted over every row that had position i and
 reached i − 1, with exponentially decaying counts (recent text predicts the next step better than old text) and a
 weak optimistic prior (q_i = 1/2 with weight 1), so an untrained `<MTP>` is dropped after a few steps and a trained
-one is kept. The prior buys a few masks at the prefill where they are cheap enough (ConfAdapt, which keeps
-confident positions without a verifying forward), which gives the first observation. When n = 0 has been chosen for a
+one is kept. The prior alone buys no masks at the prefill: a prefill is longer than the cost table's queries, and
+on a CPU its masks cost more than the table says (at batch 16 and ~150-token prompts, 0.1–0.15 s, and 0.3–0.6 s the
+first time a shape is seen, against a ~0.1 s plain step), so the first observation comes from the first decoding
+step, whose cost the table does measure. When n = 0 has been chosen for a
 while nothing is observed, so the controller probes with the cheapest query that reads at least one mask (the link
 every longer span needs), at intervals that double while probes find nothing (16, 32, … 128 steps) and reset once
 they do. A probe's outcome is the next observation (the same step for
@@ -84,7 +87,8 @@ def net_gains(p_reach: Sequence[float], cost: Callable[[int], float], pending: i
     gains, gain = [0.0], 0.0
     for n in range(1, len(p_reach) + 1):
         gain += take * p_reach[n - 1]
-        extra = cost(pending + n) - base + (verify_cost(n) if verify_cost else 0.0)
+        # n masks cost at least what they add to a plain step (a long query does not make their products cheaper)
+        extra = max(cost(pending + n) - base, cost(1 + n) - plain) + (verify_cost(n) if verify_cost else 0.0)
         gains.append(gain - extra / plain)
     return gains
 
@@ -113,6 +117,7 @@ class SpanController:
         self.idle = 0  # consecutive steps without masks
         self.probe = 0  # index into PROBE_INTERVALS
         self.probing = False
+        self.prefill = True  # the next forward is the call's first
 
     def state(self) -> dict:
         """What was learned (decayed counts, probe interval), for the decoder's next generate call."""
@@ -135,9 +140,11 @@ class SpanController:
         return out
 
     def choose(self, pending: int, rows: int, drafts: Sequence[int] = ()) -> int:
-        """Masks to append this forward. `pending`: the batch's longest pending segment; `drafts`: self-speculative
-        rows' current draft counts (their chance to take new drafts is that of verifying all current ones)."""
-        if self.n_max == 0:
+        """Masks to append this forward (the first call of a controller is the prefill). `pending`: the batch's longest
+        pending segment; `drafts`: self-speculative rows' current draft counts (their chance to take new drafts is
+        that of verifying all current ones)."""
+        prefill, self.prefill = self.prefill, False
+        if self.n_max == 0 or (prefill and not any(self.trials)):  # no masks at the prefill on the prior alone
             return 0
         reach = self.reach()
         cost = lambda q: self.cost(q, rows)  # noqa: E731

@@ -69,7 +69,8 @@ def test_rule_ignores_gains_within_measurement_noise():
 
 def test_controller_drops_masks_that_are_never_kept_and_probes_with_backoff():
     c = SpanController(7, lambda q, b: cpu_cost(q), speculative=False)
-    first = c.choose(pending=100, rows=1)  # prefill: a mask costs what it costs in any forward, 0.15 of a plain step
+    assert c.choose(pending=100, rows=1) == 0  # the prefill: no masks on the prior alone
+    first = c.choose(pending=1, rows=1)  # the first decoding step: a mask costs 0.15 of a plain step
     assert first == 2  # the prior (each link 1/2): 0.5 - 0.15, 0.75 - 0.3, 0.875 - 0.45
     c.observe([(0, first)])
     chosen = []
@@ -118,15 +119,36 @@ def test_a_probe_that_finds_accepted_masks_resets_the_interval():
 
 def test_the_prefill_does_not_buy_drafts_whose_verification_costs_more_than_they_bring():
     """A long prefill makes a mask look free next to its own cost, but self-speculative drafts are verified by the
-    next, short forward: at a CPU batch-16 cost table (a plain step 115 ms, 4 query tokens 278 ms) the prior's
-    drafts are not worth it, while ConfAdapt, which keeps confident positions without verifying, still buys them."""
+    next, short forward: at a CPU batch-16 cost table (a plain step 115 ms, 4 query tokens 278 ms) even drafts that
+    are nearly always right are not worth it, while ConfAdapt, which keeps confident positions without verifying,
+    buys such masks."""
     b16 = {1: 115.0, 2: 205.0, 3: 253.0, 4: 278.0}
 
     def cost(q, b):
         return b16[q] if q in b16 else 1000.0 + 10.0 * q  # a ~100-token prefill: 10 ms per query token
 
-    assert SpanController(3, cost, speculative=True).choose(pending=100, rows=16, drafts=[0] * 16) == 0
-    assert SpanController(3, cost, speculative=False).choose(pending=100, rows=16) > 0
+    seen = {"hits": [10.0] * 3, "trials": [10.0] * 3, "probe": 0}  # positions nearly always kept: reach .95 .91 .87
+    for speculative, masks in ((True, 0), (False, 3)):
+        c = SpanController(3, cost, speculative=speculative)
+        c.restore(seen)
+        assert c.choose(pending=100, rows=16, drafts=[0] * 16) == masks
+
+
+def test_the_prior_alone_buys_no_masks_at_the_prefill_and_a_mask_costs_no_less_there():
+    """Before any observation the prefill runs without masks (its masks cost more than the table can tell), and the
+    first decoding step reads them; with observations the prefill does take masks, but judged at no less than what
+    they add to a plain step, however cheap a long query makes them look."""
+    def cost(q, b):
+        return 1.0 + 0.5 * (q - 1) if q <= 8 else 10.0 + 0.01 * q  # steep short queries, a flat long one
+
+    c = SpanController(3, cost)
+    assert c.choose(pending=200, rows=16) == 0
+    assert c.choose(pending=1, rows=16) == 0  # 0.5 - 0.5: not worth it on the prior
+    sure = {"hits": [0.9, 0.9, 0.9], "trials": [1.0, 1.0, 1.0], "probe": 0}
+    for observed, masks in ((sure, 1), ({"hits": [0.4] * 3, "trials": [1.0] * 3, "probe": 0}, 0)):
+        c = SpanController(3, cost)
+        c.restore(observed)  # reach 0.70, 0.49, 0.34 -> 1 mask (net 0.20; 2 masks 0.19); reach 0.45, ... -> none
+        assert c.choose(pending=200, rows=16) == masks
 
 
 def test_no_probes_where_even_perfect_drafts_could_not_pay():
@@ -287,9 +309,10 @@ def test_decoder_carries_the_estimate_to_its_next_call(rig):
     prompt = [tok("What is 7 times 8?")["input_ids"]]
     strategy = SelfSpeculative("auto:4")
     first = decoder.generate(prompt, strategy, 16)[0]
-    assert first.masks_per_step[0] == 3 and sum(decoder._span_memory[strategy.label]["trials"]) > 0
+    assert first.masks_per_step[:2] == [0, 3]  # no masks at the prefill on the prior alone, then every one
+    assert sum(decoder._span_memory[strategy.label]["trials"]) > 0
     # As if earlier calls had found that no draft is ever kept: the next call starts without masks.
     decoder._span_memory[strategy.label] = {"hits": [0.0] * 3, "trials": [1000.0] * 3, "probe": 3}
     second = decoder.generate(prompt, strategy, 16)[0]
-    assert second.masks_per_step[0] == 0
+    assert max(second.masks_per_step) == 0
     assert second.token_ids == first.token_ids  # lossless either way
