@@ -14,8 +14,9 @@ prints it). Four stages, each with a progress bar, each inside a share of the ti
 3. **tune** tau and k_max on other held-out questions, without their gold answers: the fastest ConfAdapt setting
    whose agreement with k=1's final answers is certified by Learn-then-Test at level delta and whose wall-clock
    speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), or the lossless self-speculative mode when it
-   is measured faster still, else plain decoding; written into the model's generation config. The whole grid is
-   evaluated from one greedy pass (replay; only questions where a setting leaves greedy are decoded with it).
+   is measured faster still, else plain decoding; written into the model's generation config. The grid is evaluated
+   from one greedy pass (replay; only questions where a setting leaves greedy are decoded with it), tau by tau from
+   the most conservative, up to the first setting that fails its test: fixed-sequence testing certifies none after it.
    SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is
    what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the
