@@ -16,7 +16,8 @@ prints it). Four stages, each with a progress bar, each inside a share of the ti
    speed, measured beside k=1, is not below k=1's (adaptive/tuner.py), or the lossless self-speculative mode when it
    is measured faster still, else plain decoding; written into the model's generation config. The grid is evaluated
    from one greedy pass (replay; only questions where a setting leaves greedy are decoded with it), tau by tau from
-   the most conservative, up to the first setting that fails its test: fixed-sequence testing certifies none after it.
+   the most conservative, up to the first setting that fails its test (fixed-sequence testing certifies none after
+   it); the rest of the grid is screened from the same replay without decoding (tune/report.json "not_evaluated").
    SmolLM2-135M solves ~2% of GSM8K, so an accuracy-drop certificate would be vacuous here; agreement with k=1 is
    what the speed trades away;
 4. **evaluate** on a third set of held-out questions: k=1 (plain next-token decoding), Static k=3, ConfAdapt at the

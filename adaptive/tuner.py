@@ -26,7 +26,9 @@ certification claim — and the same wall-clock rule applies. The ranking and th
 Sweep. Settings are evaluated lazily in the testing order, the k_max sequences taking turns (every sequence's first
 tau, then every second one, ...), so a time budget (the demo's) shortens all sequences alike; once a k_max's
 sequence has failed a test, its remaining taus can never be certified and are not evaluated, unless --full-sweep
-(or --min-speed) asks for every point. With --sweep replay (the default) the grid costs about one greedy pass: the
+(or --min-speed) asks for every point; with the replay they are still screened for free (`screen`: on how many
+questions each leaves greedy, a lower bound on its agreement, its tokens per forward on the greedy prefix; the
+report's "not_evaluated"). With --sweep replay (the default) the grid costs about one greedy pass: the
 replay of adaptive/replay.py, real decoding only from where a setting leaves greedy. --sweep rollout decodes every
 setting on every question (the slower path, kept for comparison).
 
@@ -166,6 +168,21 @@ def sweep(evaluate_setting: Callable[[float, int], object], taus: Sequence[float
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs: generation config, text report
+
+
+def screen(traces, greedy_tokens, tau: float, k_max: int) -> dict:
+    """A setting the sweep did not evaluate, from the replay alone (nothing decoded): on how many questions ConfAdapt
+    leaves the greedy trajectory, so a lower bound on its agreement with k=1 (a question that never leaves it gives
+    k=1's tokens), and its tokens per forward over the greedy prefix it follows. Not a certificate: fixed-sequence
+    testing stopped before it."""
+    left, steps = 0, []
+    for (confidence, argmax), tokens in zip(traces, greedy_tokens):
+        replayed, diverged_at = replay_steps(confidence, argmax, tokens, tau, k_max)
+        left += diverged_at is not None
+        steps += replayed
+    n = len(traces)
+    return {"tau": tau, "k_max": k_max, "left_greedy": left, "agreement_at_least": (n - left) / n if n else None,
+            "greedy_prefix_tokens_per_forward": statistics.fmean(steps) if steps else 0.0}
 
 
 def read_generation_config(model_dir: Path):
@@ -438,6 +455,8 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     if k1_sample is not None:
         ref_fields.update(speed_sample=len(sample), speed_sample_tokens_per_second=k1_sample.tokens_per_second)
     evaluated = {(s["tau"], s["k_max"]): s for s in settings}
+    screened = [screen(traces, ref_tokens, t, k) if traces is not None and replayable(k) else {"tau": t, "k_max": k}
+                for k, seq in ordered_sequences(taus, k_maxes) for t in seq if (t, k) not in evaluated]
 
     # Per-problem flags as "0"/"1" strings, so anyone can recompute every count and p-value from the report.
     def bits(flags) -> str | None:
@@ -469,8 +488,7 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
         "settings": [{**s, "correct": bits(evaluated[(s["tau"], s["k_max"])].get("correct")),
                       "agrees": bits(evaluated[(s["tau"], s["k_max"])].get("agrees"))}
                      for s in selection["settings"]],
-        "not_evaluated": [{"tau": t, "k_max": k} for k, seq in ordered_sequences(taus, k_maxes) for t in seq
-                          if (t, k) not in evaluated],
+        "not_evaluated": screened,
         "certified": choice["certified"],
         "choice": {key: value for key, value in choice.items() if key != "setting"},
         "lossless": lossless_row,
@@ -492,6 +510,11 @@ def tune(decoder, problems: list[dict], *, target_drop: float | None = None, tar
     n_cert = sum(s["certified"] for s in selection["settings"])
     print(f"certified at delta={delta:g} (per-test level {selection['level']:.4g}, {len(k_maxes)} k_max "
           f"sequences): {n_cert} of {len(selection['settings'])} evaluated settings")
+    for row in screened:
+        if "left_greedy" in row:
+            print(f"not evaluated: tau={row['tau']:g} k_max={row['k_max']} (screened by the replay, nothing decoded): "
+                  f"leaves greedy on {row['left_greedy']}/{n} questions, agreement >= {row['agreement_at_least']:.3f}, "
+                  f"{row['greedy_prefix_tokens_per_forward']:.2f} tokens/forward on the greedy prefix")
     print(choice_line(choice))
     print(f"wrote {report_path} and {plot_path}")
     if model_dir is not None:

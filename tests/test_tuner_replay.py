@@ -173,3 +173,17 @@ def test_tune_replay_sweep_equals_rollout_sweep(rig, tmp_path):
     decoded = sum(s["decoded"] for s in replay.values())
     assert 0 < decoded < sum(s["decoded"] for s in rollout.values())  # some settings diverge, most questions replay
     assert any(s["tokens_per_forward_mean"] > 1 for s in replay.values())
+    # Stopped at the first failed test (agreement >= 0.99 cannot be certified on 5 questions), the rest of the grid is
+    # screened from the replay alone: it leaves greedy exactly where the full sweep had to decode, and what it bounds
+    # holds.
+    stopped = tune(decoder, problems, target_agreement=0.99, delta=0.5, taus=(1e-3, 1e-5, 1e-6), k_maxes=(2, 4),
+                   max_new_tokens=16, batch_size=5, sweep_mode="replay", measure=1, report_dir=tmp_path / "stopped")
+    screened = {(s["tau"], s["k_max"]): s for s in stopped["not_evaluated"]}
+    assert len(stopped["settings"]) == 2 and len(screened) == 4
+    for key, s in screened.items():
+        assert s["left_greedy"] == replay[key]["decoded"]
+        assert s["agreement_at_least"] == (len(problems) - s["left_greedy"]) / len(problems)
+        assert s["agreement_at_least"] <= sum(map(int, replay[key]["agrees"])) / len(problems)
+        if s["left_greedy"] == 0:
+            assert s["greedy_prefix_tokens_per_forward"] == replay[key]["tokens_per_forward_mean"]
+    assert any(s["left_greedy"] for s in screened.values())
