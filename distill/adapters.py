@@ -22,8 +22,9 @@ of each forward and stores the gate; a forward pre-hook on every LoRA `A` projec
 adapter becomes one `GatedLoRALinear` per adapted layer, without peft, swapped in only for forwards that carry
 `<MTP>`; a forward without any runs the base model's own layers, so plain decoding costs what the base model costs.
 A forward with masks pays for the rank-r products at its mask columns only (`InferenceGate`: from the first column
-holding a mask on), a few hundred tiny matrix products per forward; the layers that read one input (q/k/v, gate/up) share one stacked A product (`SharedLoRAInput`), and on a CPU the products run in
-float32, which oneDNN does about 3x faster than bfloat16 at these sizes.
+holding a mask on), a few hundred tiny matrix products per forward; the layers that read one input (q/k/v, gate/up)
+share one stacked A product (`SharedLoRAInput`), and on a CPU the products run in float32, which oneDNN does about 3x
+faster than bfloat16 at these sizes.
 Both need `input_ids` (an `inputs_embeds`-only forward is refused).
 
 The training output records the choice in `mtp_adapter.json` beside `adapter_config.json`.
